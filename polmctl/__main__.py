@@ -1,0 +1,3 @@
+from polmctl.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""Which rows go into which micro-batch: seeded, epoch after epoch, resumable.
+
+Kept by hand rather than in a torch DataLoader because resuming needs the exact data
+position (epoch, cursor) in the checkpoint, and a DataLoader's sampler state is not
+serialisable. With several processes each rank takes its own slice of every global
+micro-batch, so ranks never see the same row in a step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class BatchSampler:
+    def __init__(self, n_rows: int, micro_batch_size: int, *, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        self.global_batch = micro_batch_size * world_size
+        if n_rows < self.global_batch:
+            raise ValueError(
+                f"the training data has {n_rows} rows, fewer than one micro-batch across processes "
+                f"({micro_batch_size} x {world_size}); lower trainer.micro_batch_size or add rows"
+            )
+        self.n_rows, self.micro_batch_size = n_rows, micro_batch_size
+        self.seed, self.shuffle, self.rank = seed, shuffle, rank
+        self.epoch, self.cursor = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n_rows))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n_rows, generator=gen).tolist()
+
+    def next(self) -> list[int]:
+        """Row indices of this rank's next micro-batch (the last partial batch of an epoch is dropped)."""
+        if self.cursor + self.global_batch > self.n_rows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        chunk = self._order[self.cursor : self.cursor + self.global_batch]
+        self.cursor += self.global_batch
+        start = self.rank * self.micro_batch_size
+        return chunk[start : start + self.micro_batch_size]
+
+    @property
+    def progress_epochs(self) -> float:
+        return self.epoch + self.cursor / self.n_rows
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._epoch_order()

@@ -1,0 +1,82 @@
+"""The one ``@hydra.main``: compose, validate, look the runner up, call it.
+
+``polmctl run ARGS`` hands ARGS to Hydra unchanged, so everything Hydra accepts works:
+overrides, ``-m`` sweeps, ``--cfg job``, ``hydra/launcher=...``, sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+import hydra
+from omegaconf import DictConfig
+
+from polmctl.config import ConfigError, register_schema, validate
+
+register_schema()
+
+# Errors a user can fix; they are shown as one line, not a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from polmctl.data import DataError
+    from polmctl.engine.errors import TrainingError
+    from polmctl.models import ModelError
+
+    return USER_ERRORS + (DataError, ModelError, TrainingError, FileNotFoundError)
+
+
+def fail(kind: str, message: str, code: int = 2) -> None:
+    from polmctl.engine.progress import console
+
+    console.print(f"[bold red]{kind}:[/] {message}", highlight=False, soft_wrap=True)
+    raise SystemExit(code)
+
+
+def run_config(cfg: DictConfig) -> Any:
+    """Validate ``cfg`` and run it; returns the runner's objective value for sweepers."""
+    try:
+        run = validate(cfg)
+    except ConfigError as err:
+        fail("config error", str(err))
+    from polmctl.runners import RUNNERS
+
+    if run.runner not in RUNNERS:
+        fail("config error", f"runner: got {run.runner!r}; allowed: {', '.join(RUNNERS)}")
+    try:
+        summary = RUNNERS[run.runner](run)
+    except _user_errors() as err:
+        fail(type(err).__name__, str(err).strip() or repr(err), code=1)
+    return summary.get("objective") if isinstance(summary, dict) else None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> Any:
+    return run_config(cfg)
+
+
+def quiet_libraries() -> None:
+    """Library chatter that says nothing to a polmctl user stays out of the terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run Hydra on ``args`` (default: the process's own arguments)."""
+    quiet_libraries()
+    if args is not None:
+        sys.argv = [sys.argv[0] if sys.argv else "polmctl", *args]
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Evaluation tasks, by name (``eval.tasks``), and the function that runs a config's tasks.
+
+Each task reads held-out rows (the builtin set's test split unless ``eval.source`` names
+one) and returns ``{"metrics": {...}, "samples": [...]}``; samples are written as JSONL
+next to summary.json so a person can see what the model answered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from polmctl.config.schema import DataConfig, EvalConfig
+from polmctl.data import load_rows
+from polmctl.evals.arithmetic import exact_match
+from polmctl.evals.perplexity import perplexity
+
+# task name -> (default held-out source, runner)
+EVAL_TASKS = {
+    "arithmetic": ("builtin:arithmetic", lambda m, t, rows, cfg: exact_match(
+        m, t, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)),
+    "perplexity": ("builtin:domain_text", lambda m, t, rows, cfg: perplexity(m, t, rows, batch_size=cfg.batch_size)),
+}
+
+
+def eval_rows(task: str, cfg: EvalConfig, data: DataConfig) -> list[dict]:
+    """Held-out rows for ``task``; builtin generator options follow the training data's when
+    the sources match, so evaluation asks the same kind of question training taught."""
+    source = cfg.source or EVAL_TASKS[task][0]
+    options = dict(data.options) if source == data.source else {}
+    return load_rows(source, data.eval_split if source == data.source else "test",
+                     max_rows=cfg.max_samples, options=options or None)
+
+
+def run_evals(model, tokenizer, cfg: EvalConfig, data: DataConfig, out_dir: Path | None = None,
+              tag: str = "") -> dict[str, dict[str, Any]]:
+    results = {}
+    for task in cfg.tasks:
+        result = EVAL_TASKS[task][1](model, tokenizer, eval_rows(task, cfg, data), cfg)
+        results[task] = result["metrics"]
+        if out_dir is not None and result["samples"]:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"{task}{'-' + tag if tag else ''}.jsonl"
+            path.write_text("".join(json.dumps(s) + "\n" for s in result["samples"]))
+    return results

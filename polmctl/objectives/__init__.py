@@ -1,0 +1,21 @@
+"""Objectives: pure loss functions of tensors, one file per family, and the registry.
+
+``method.objective`` in a config names an entry of ``OBJECTIVES``; the rest of the
+``method`` node is validated against the matching dataclass in ``METHOD_SCHEMAS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from polmctl.objectives.base import LossTerms, Objective
+from polmctl.objectives.sft import SFTMethod, SFTObjective
+
+METHOD_SCHEMAS: dict[str, type] = {"sft": SFTMethod}
+OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"sft": SFTObjective}
+
+__all__ = ["LossTerms", "Objective", "METHOD_SCHEMAS", "OBJECTIVES", "build_objective"]
+
+
+def build_objective(method: Any) -> Objective:
+    return OBJECTIVES[method.objective](method)

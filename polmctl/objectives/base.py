@@ -1,0 +1,47 @@
+"""What every objective hands the engine, and helpers shared by objectives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossTerms:
+    """A micro-batch's contribution to one optimizer step.
+
+    The engine divides ``loss_sum`` by the summed ``weight`` of all micro-batches in the
+    step (across processes too), so the step's loss is an exact mean over tokens (or
+    pairs, or sequences) however the step was split into micro-batches.
+    ``metrics`` are sums over the micro-batch, averaged by the engine with the same weight.
+    """
+
+    loss_sum: torch.Tensor
+    weight: torch.Tensor | int
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    def weight(self, batch: dict) -> int:
+        """The normaliser of this batch, known before the forward pass."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossTerms: ...
+
+
+def logits_window(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """How many trailing positions need logits, and the labels cut to that window.
+
+    Hidden states at prompt positions never need the LM head: with a 49k vocabulary the
+    head is the largest activation of a small model, so computing logits only from the
+    first trained position on saves memory and time. The window keeps one extra position
+    before the first label because logits[t] predicts labels[t + 1].
+    """
+    trained = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if trained.numel() == 0:
+        return 1, labels[:, -1:]
+    start = max(int(trained[0]) - 1, 0)
+    return labels.size(1) - start, labels[:, start:]

@@ -1,0 +1,59 @@
+"""Supervised fine-tuning: next-token cross-entropy on the trained tokens.
+
+    polmctl run recipe=sft            # full fine-tuning
+    polmctl run recipe=lora           # the same objective through LoRA adapters
+
+``token_nll`` is the pure loss; ``SFTObjective`` runs the model on a batch and hands the
+engine a sum of losses and the number of tokens it covers, so that gradient
+accumulation normalises by the tokens of the whole optimizer step, not per micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from polmctl.objectives.base import LossTerms, logits_window
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SFTMethod:
+    objective: str = field(default="sft", metadata={"help": "sft: cross-entropy on the trained tokens"})
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood and the number of tokens it covers.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]``; positions labelled -100 are skipped.
+    Returns (sum of -log p, count) so callers can normalise over several batches.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return nll, (shift_labels != IGNORE_INDEX).sum()
+
+
+class SFTObjective:
+    """Cross-entropy on the completion (or every) token of padded or packed batches."""
+
+    def __init__(self, method: SFTMethod):
+        self.method = method
+
+    def weight(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> LossTerms:
+        keep, labels = logits_window(batch["labels"])
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        nll, count = token_nll(logits, labels)
+        return LossTerms(loss_sum=nll, weight=count, metrics={"nll_sum": nll.detach()})

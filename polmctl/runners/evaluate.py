@@ -1,0 +1,41 @@
+"""The evaluate runner: load a model (or a run dir's final/), run the eval tasks, write summary.json.
+
+    polmctl eval outputs/lora/2026-11-24/10-00-00
+    polmctl eval model=smollm2-135m eval.tasks=[arithmetic,perplexity]
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from polmctl.config.schema import RunConfig
+from polmctl.engine.metrics import write_json
+from polmctl.engine.progress import console, summary_table
+from polmctl.evals import run_evals
+from polmctl.models import load_model, load_tokenizer
+
+
+def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device=_device(cfg), for_training=False)
+    with console.status(f"evaluating {cfg.model.name_or_path}: {', '.join(cfg.eval.tasks)}"):
+        results = run_evals(model, tokenizer, cfg.eval, cfg.data, run_dir / "eval")
+    summary = {"model": cfg.model.name_or_path, "run_dir": str(run_dir), "status": "completed",
+               "wall_time_s": time.perf_counter() - started, "eval": results}
+    write_json(run_dir / "summary.json", summary)
+    rows = {f"{task}/{k}": v for task, m in results.items() for k, v in m.items()}
+    console.print(summary_table(f"eval: {cfg.model.name_or_path}", rows))
+    return summary
+
+
+def _device(cfg: RunConfig) -> str:
+    import torch
+
+    if cfg.trainer.device != "auto":
+        return cfg.trainer.device
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,114 @@
+"""The train runner: data -> model (+adapters) -> evaluate -> train -> save -> evaluate.
+
+    polmctl run recipe=lora                        # any offline recipe ends up here
+    polmctl run recipe=sft model=tiny trainer=debug
+
+Writes into the run dir: metrics.jsonl, checkpoints/step-N/, final/, eval/*.jsonl,
+summary.json (final metrics, evaluation before/after, wall time, peak memory, tokens/s).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from polmctl.config.schema import RunConfig
+from polmctl.data import encode_dataset, load_rows, pack_collate, pad_collate
+from polmctl.engine.checkpoint import resolve_resume
+from polmctl.engine.device import make_accelerator
+from polmctl.engine.metrics import peak_memory_mb, write_json
+from polmctl.engine.progress import console, summary_table
+from polmctl.engine.trainer import Trainer
+from polmctl.evals import run_evals
+from polmctl.models import apply_peft, load_model, load_tokenizer, save_model, trainable_parameter_summary
+from polmctl.objectives import build_objective
+
+
+def run_train(cfg: RunConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    acc = make_accelerator(cfg.trainer, cfg.logger, run_dir)
+    resume = resolve_resume(cfg.resume, run_dir)
+
+    # Data first: a bad file or column fails here, before any model weights load.
+    tokenizer = load_tokenizer(cfg.model)
+    rows = load_rows(cfg.data.source, cfg.data.split, max_rows=cfg.data.max_rows,
+                     options=dict(cfg.data.options) or None, hub_config=cfg.data.hub_config)
+    examples, stats = encode_dataset(rows, tokenizer, source=cfg.data.source, fmt=cfg.data.format,
+                                     max_length=cfg.data.max_length, overlong=cfg.data.overlong,
+                                     completion_only_loss=cfg.data.completion_only_loss)
+    console.print(f"[bold]data[/] {cfg.data.source}: {stats.summary()}")
+
+    model = apply_peft(load_model(cfg.model, device=acc.device, for_training=True), cfg.peft, tokenizer)
+    trainable, total = trainable_parameter_summary(model)
+    console.print(f"[bold]model[/] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
+                  f"({100 * trainable / total:.2f}%), peft={cfg.peft.method}")
+
+    before = _evaluate(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None) if cfg.eval.before else None
+    collate = pack_collate if cfg.data.packing else partial(pad_collate, pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(cfg=cfg.trainer, model=model, objective=build_objective(cfg.method), examples=examples,
+                      collate=collate, run_dir=run_dir, accelerator=acc, seed=cfg.seed,
+                      shuffle=cfg.data.shuffle, progress=cfg.logger.progress)
+    if cfg.logger.trackers:
+        acc.init_trackers(cfg.logger.project, config=_flat(asdict(cfg)))
+    fit = trainer.fit(resume)
+    model = acc.unwrap_model(trainer.model)
+    if acc.is_main_process:
+        save_model(model, tokenizer, run_dir / "final", merge_adapters=cfg.peft.merge_on_save)
+    after = _evaluate(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks else None
+    acc.end_training()
+
+    summary = {
+        "recipe": cfg.recipe.name, "model": cfg.model.name_or_path, "run_dir": str(run_dir),
+        "status": "completed", "steps": fit.steps, "first_loss": fit.first_loss, "final_loss": fit.final_loss,
+        "train_time_s": fit.train_time_s, "wall_time_s": time.perf_counter() - started,
+        "tokens_per_s": fit.tokens_per_s, "peak_memory_mb": peak_memory_mb(acc.device),
+        "trainable_params": trainable, "total_params": total, "data": asdict(stats),
+        "resumed_from": fit.resumed_from, "eval": {"before": before, "after": after},
+    }
+    if acc.is_main_process:
+        write_json(run_dir / "summary.json", summary)
+        console.print(summary_table(f"{cfg.recipe.name}: {run_dir}", _table_rows(summary)))
+    return summary
+
+
+def _evaluate(cfg: RunConfig, model, tokenizer, run_dir: Path, tag: str, reuse: bool = False) -> dict | None:
+    """Evaluate (rank 0 only); ``reuse`` takes an earlier result, so a resumed run keeps its 'before'."""
+    if not cfg.eval.tasks:
+        return None
+    path = run_dir / "eval" / f"results-{tag}.json"
+    if reuse and path.exists():
+        return json.loads(path.read_text())
+    with console.status(f"evaluating ({tag}): {', '.join(cfg.eval.tasks)}"):
+        results = run_evals(model, tokenizer, cfg.eval, cfg.data, run_dir / "eval", tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)
+    return results
+
+
+def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    rows = {k: summary[k] for k in ("steps", "first_loss", "final_loss", "train_time_s", "tokens_per_s", "peak_memory_mb")}
+    for tag in ("before", "after"):
+        for task, metrics in (summary["eval"][tag] or {}).items():
+            for name, value in metrics.items():
+                if name != "n":
+                    rows[f"{task}/{name} ({tag})"] = value
+    return rows
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
