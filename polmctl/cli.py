@@ -36,7 +36,7 @@ def run(ctx: typer.Context) -> None:
     [bold]Examples[/]
 
       polmctl run recipe=lora\n
-      polmctl run recipe=sft model=tiny trainer=debug\n
+      polmctl run recipe=sft model=tiny debug=quick\n
       polmctl run -m recipe=lora trainer.lr=1e-4,3e-4     [dim]# a sweep: one run per value[/]\n
       polmctl run recipe=lora --cfg job                     [dim]# print the config, don't run[/]\n
       polmctl run recipe=lora resume=auto hydra.run.dir=outputs/lora/my-run

@@ -10,6 +10,8 @@ formats conversations runs unchanged on it.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -76,10 +78,14 @@ def materialise_tiny(target: Path) -> Path:
     """Write the tiny model and tokenizer as an ordinary model dir (idempotent)."""
     if (target / "config.json").exists():
         return target
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process (a parallel sweep job) got there first
+        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -18,7 +18,7 @@ RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 
 
 def group_options():
-    for group in ("model", "data", "peft", "trainer", "logger", "eval"):
+    for group in ("model", "data", "peft", "trainer", "logger", "eval", "debug"):
         for path in sorted((CONF / group).glob("*.yaml")):
             yield group, path.stem
 

@@ -1,0 +1,11 @@
+"""Models: builtin / hub / local loading, dtype, bitsandbytes quantization, peft adapters, saving."""
+
+from polmctl.models.adapters import apply_peft, trainable_parameter_summary
+from polmctl.models.builtin import BUILTIN_MODELS, materialise_builtin
+from polmctl.models.cache import cache_root
+from polmctl.models.errors import ModelError
+from polmctl.models.load import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model_path
+from polmctl.models.save import save_model
+
+__all__ = ["ModelError", "cache_root", "BUILTIN_MODELS", "materialise_builtin", "resolve_model_path", "load_tokenizer",
+           "load_model", "load_model_and_tokenizer", "apply_peft", "trainable_parameter_summary", "save_model"]

