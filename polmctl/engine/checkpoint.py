@@ -5,6 +5,7 @@ complete, so a run killed mid-save never leaves a checkpoint that looks whole. C
 
     trainable.safetensors   every trainable parameter by name (adapters, or the full model)
     trainer_state.pt        step, optimizer, scheduler, data position and RNG states
+    tokenizer files         with the chat template, which travels with every checkpoint
 
 ``final/`` is different: it is a model dir for ``from_pretrained`` (see models.save_model).
 """
@@ -44,7 +45,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int,
+                    tokenizer: Any = None) -> Path:
     """Write ``ckpt_root/step-<step>`` atomically, then delete all but the newest ``keep_last``."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
@@ -53,6 +55,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: d
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save({"step": step, **state, "rng": rng_state()}, tmp / "trainer_state.pt")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -48,8 +48,9 @@ class FitResult:
 class Trainer:
     def __init__(self, *, cfg: TrainerConfig, model: torch.nn.Module, objective: Objective,
                  examples: Sequence[dict], collate: Callable[[list[dict]], dict], run_dir: Path,
-                 accelerator: Accelerator, seed: int, shuffle: bool = True, progress: bool = True):
+                 accelerator: Accelerator, seed: int, shuffle: bool = True, progress: bool = True, tokenizer=None):
         self.cfg, self.objective, self.examples, self.collate = cfg, objective, examples, collate
+        self.tokenizer = tokenizer
         self.run_dir, self.acc, self.progress = run_dir, accelerator, progress
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -76,7 +77,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return None
         return save_checkpoint(self.run_dir / "checkpoints", self.step, self.acc.unwrap_model(self.model),
-                               self._state(), self.cfg.keep_last)
+                               self._state(), self.cfg.keep_last, tokenizer=self.tokenizer)
 
     # -- one optimizer step -----------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:

@@ -56,7 +56,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     collate = pack_collate if cfg.data.packing else partial(pad_collate, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(cfg=cfg.trainer, model=model, objective=build_objective(cfg.method), examples=examples,
                       collate=collate, run_dir=run_dir, accelerator=acc, seed=cfg.seed,
-                      shuffle=cfg.data.shuffle, progress=cfg.logger.progress)
+                      shuffle=cfg.data.shuffle, progress=cfg.logger.progress, tokenizer=tokenizer)
     if cfg.logger.trackers:
         acc.init_trackers(cfg.logger.project, config=_flat(asdict(cfg)))
     fit = trainer.fit(resume)

@@ -65,6 +65,7 @@ def test_run_writes_metrics_checkpoints_and_summary(train_recipe):
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "epoch"):
         assert key in lines[0]
     assert [p.name for p in (run.dir / "checkpoints").iterdir()] == ["step-4"]
+    assert "<|im_start|>" in (run.dir / "checkpoints" / "step-4" / "chat_template.jinja").read_text()
     summary = json.loads((run.dir / "summary.json").read_text())
     for key in ("final_loss", "wall_time_s", "peak_memory_mb", "tokens_per_s", "eval"):
         assert key in summary
