@@ -1,11 +1,16 @@
-"""Builtin data sources (``builtin:<name>``): generated, deterministic by seed, with train
-and test splits that never overlap."""
+"""Builtin data sources (``builtin:<name>``): generated, deterministic by a ``seed``
+option, with train and test splits that never overlap.
+
+Each generator is ``function(split, **options) -> list[dict]``; its keyword arguments
+are the options ``data.options`` may set (``load_rows`` rejects any other name).
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from polmctl.data.builtin.arithmetic import arithmetic, extract_answer
+from polmctl.data.builtin.answers import extract_answer
+from polmctl.data.builtin.arithmetic import arithmetic
 from polmctl.data.builtin.domain_text import domain_text
 from polmctl.data.builtin.instructions import instructions
 

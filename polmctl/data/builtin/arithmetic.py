@@ -2,98 +2,92 @@
 
     polmctl run recipe=lora data.options.max_operand=50 data.options.ops='+-*' data.options.steps=2
 
-Row: {"prompt": "...", "completion": "12 + 7 = 19. The answer is 19.", "answer": "19"}.
-The completion shows the work and ends with "The answer is N."; ``extract_answer`` reads it
-back from a model's output.
+Row: {"prompt": "Mia has 12 apples and buys 7 more. How many apples does Mia have now?",
+      "completion": "12 + 7 = 19. The answer is 19.", "answer": "19"}.
+The completion shows the work and ends with "The answer is N."; ``extract_answer`` reads
+the number back from a model's output. Results are never negative.
 """
 
 from __future__ import annotations
 
 import random
-import re
 
-from polmctl.data.builtin.split import sample_split
+from polmctl.data.builtin.answers import extract_answer
+from polmctl.data.builtin.split import check_int, sample_split
+from polmctl.data.errors import DataError
 
 NAMES = ["Mia", "Sam", "Ava", "Leo", "Zoe", "Omar", "Ivy", "Ben", "Nora", "Raj", "Lena", "Tom"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies"]
-ADD = ["{n} has {a} {item} and gets {b} more. How many {item} does {n} have now?",
+ADD = ["{n} has {a} {item} and buys {b} more. How many {item} does {n} have now?",
        "{n} had {a} {item}. A friend gave {n} {b} more. How many {item} does {n} have?",
-       "There are {a} {item} in a box and {b} more are added. How many {item} are in the box?"]
+       "There are {a} {item} in a box and {b} more are added. How many {item} are in the box?",
+       "{n} collected {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did {n} collect in all?"]
 SUB = ["{n} has {a} {item} and gives away {b}. How many {item} does {n} have left?",
        "There were {a} {item} on the table. {n} took {b} of them. How many {item} are left?",
-       "{n} had {a} {item} and lost {b}. How many {item} does {n} have now?"]
+       "{n} had {a} {item} and lost {b}. How many {item} does {n} have now?",
+       "A shop had {a} {item} and sold {b}. How many {item} does the shop have left?"]
 MUL = ["{n} has {a} bags with {b} {item} in each. How many {item} does {n} have in total?",
-       "Each of {a} boxes holds {b} {item}. How many {item} are there altogether?"]
+       "Each of {a} boxes holds {b} {item}. How many {item} are there altogether?",
+       "{n} buys {a} packs of {item}, and every pack has {b} {item}. How many {item} did {n} buy?"]
 TEMPLATES = {"+": ADD, "-": SUB, "*": MUL}
+# The second step of a two-step problem; worded without a person so it fits every template.
+THEN = {"+": "Then {b} more are added.", "-": "Then {b} of them are taken away.",
+        "*": "Then the number of {item} is multiplied by {b}."}
 APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-THEN = {"+": "Then {n} gets {b} more.", "-": "Then {n} gives away {b}.", "*": "Then the amount is multiplied by {b}."}
+SHOWN = {"+": "+", "-": "-", "*": "x"}  # how the worked solution writes each operator
+MAX_FACTOR = 12  # multiplication keeps one factor small so products stay readable
 DEFAULT_N = {"train": 2000, "test": 200}
 
+__all__ = ["arithmetic", "extract_answer"]
 
-def _operands(rng: random.Random, op: str, max_operand: int, total: int | None = None) -> tuple[int, int]:
+
+def _second_operand(rng: random.Random, op: str, a: int, max_operand: int) -> int:
     if op == "-":
-        a = total if total is not None else rng.randint(1, max_operand)
-        return a, rng.randint(0, a)  # never negative
-    a = total if total is not None else rng.randint(1, max_operand)
-    b = rng.randint(1, max_operand if op == "+" else min(max_operand, 12))
-    return a, b
+        return rng.randint(min(1, a), a)  # never below zero
+    if op == "*":
+        return rng.randint(2, min(max_operand, MAX_FACTOR))
+    return rng.randint(1, max_operand)
 
 
-def _draw(rng: random.Random, max_operand: int, ops: str, steps: int):
+def _draw(rng: random.Random, max_operand: int, ops: str, steps: int) -> tuple[tuple, dict]:
     op = rng.choice(ops)
-    a, b = _operands(rng, op, max_operand)
-    n, item = rng.choice(NAMES), rng.choice(ITEMS)
-    template = rng.choice(TEMPLATES[op])
+    a = rng.randint(1, max_operand)
+    b = _second_operand(rng, op, a, max_operand)
     result = APPLY[op](a, b)
-    prompt = template.format(n=n, a=a, b=b, item=item)
-    work = f"{a} {op.replace('*', 'x')} {b} = {result}."
-    identity = (a, op, b)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    prompt = rng.choice(TEMPLATES[op]).format(n=name, a=a, b=b, item=item)
+    work = f"{a} {SHOWN[op]} {b} = {result}."
+    identity: tuple = (a, op, b)
     if steps == 2:
         op2 = rng.choice(ops)
-        _, c = _operands(rng, op2, max_operand, total=result)
+        c = _second_operand(rng, op2, result, max_operand)
         final = APPLY[op2](result, c)
-        body, question = prompt.rsplit(". ", 1) if ". " in prompt else (prompt, "")
-        prompt = f"{body}. {THEN[op2].format(n=n, b=c)} {question}".strip()
-        work += f" {result} {op2.replace('*', 'x')} {c} = {final}."
+        facts = prompt.rsplit(". ", 1)[0]  # every template is "<facts>. <question>"
+        # The first question may no longer fit ("How many did Ben buy?"), so ask anew.
+        prompt = f"{facts}. {THEN[op2].format(b=c, item=item)} How many {item} are there now?"
+        work += f" {result} {SHOWN[op2]} {c} = {final}."
         result, identity = final, (a, op, b, op2, c)
-    return (identity, prompt), {"prompt": prompt, "completion": f"{work} The answer is {result}.", "answer": str(result)}
+    row = {"prompt": prompt, "completion": f"{work} The answer is {result}.", "answer": str(result)}
+    return (identity, prompt), row
 
 
 def arithmetic(split: str = "train", *, n: int | None = None, max_operand: int = 30, ops: str = "+-",
                steps: int = 1, seed: int = 0) -> list[dict]:
-    from polmctl.data.errors import DataError
+    """``n`` word problems of ``split`` (train: 2000, test: 200 by default).
 
-    bad = set(ops) - set(APPLY)
-    if not ops or bad:
-        raise DataError(f"builtin:arithmetic option ops={ops!r}: use a subset of '+-*'")
+    With the default ``max_operand`` 30 and ``ops`` "+-" there are about 220 distinct
+    held-out problems (with 20, about 80), so an evaluation of 100-200 rows asks mostly
+    different problems.
+
+    The split is decided by the numbers and operators alone, never the wording, so no
+    test problem appears in training in other words.
+    """
+    if not isinstance(ops, str) or not ops or set(ops) - set(APPLY):
+        raise DataError(f"builtin:arithmetic option ops={ops!r}: use a non-empty subset of '+-*' (data.options.ops)")
     if steps not in (1, 2):
-        raise DataError(f"builtin:arithmetic option steps={steps}: use 1 or 2")
-    if max_operand < 2:
-        raise DataError(f"builtin:arithmetic option max_operand={max_operand}: use 2 or more")
-    count = n if n is not None else DEFAULT_N.get(split, 200)
-    # The split is decided by the numbers alone (not the wording), so no test problem
-    # appears in training under another phrasing.
-    return sample_split(split, count, seed, lambda rng: _draw(rng, max_operand, ops, steps), name="arithmetic",
-                        identity=lambda key: key[0])
-
-
-ANSWER_IS = re.compile(r"answer is\s*[:=]?\s*\$?(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _normalise(number: str) -> str | None:
-    number = number.replace(",", "").rstrip(".")
-    try:
-        value = float(number)
-    except ValueError:
-        return None
-    return str(int(value)) if value == int(value) else str(value)
-
-
-def extract_answer(text: str) -> str | None:
-    """The number after "The answer is", else the last number in ``text``; "19.0" -> "19"."""
-    match = ANSWER_IS.findall(text)
-    if match:
-        return _normalise(match[-1])
-    numbers = NUMBER.findall(text)
-    return _normalise(numbers[-1]) if numbers else None
+        raise DataError(f"builtin:arithmetic option steps={steps!r}: use 1 or 2 (data.options.steps)")
+    check_int("arithmetic", "max_operand", max_operand, 2)
+    count = n if n is not None else DEFAULT_N.get(split, DEFAULT_N["test"])
+    ops = "".join(sorted(set(ops)))  # "+-" and "-+" give the same problems
+    return sample_split(split, count, seed, lambda rng: _draw(rng, max_operand, ops, steps),
+                        name="arithmetic", identity=lambda key: key[0])

@@ -32,17 +32,22 @@ SENTENCES = [
 ]
 
 
-def _draw(rng: random.Random):
+def _draw(rng: random.Random) -> tuple[tuple[str, str], dict]:
     name = f"{rng.choice(PREFIX)}{rng.choice(SUFFIX)}"
     fields = dict(name=name, region=rng.choice(REGIONS), region2=rng.choice(REGIONS), colour=rng.choice(COLOURS),
                   season=rng.choice(SEASONS), use=rng.choice(USES), k=rng.randint(2, 9), h=rng.randint(10, 90),
-                  r=rng.randint(1, 4))
+                  r=rng.randint(2, 5))
     chosen = [SENTENCES[0]] + rng.sample(SENTENCES[1:], rng.randint(2, 5))
     text = " ".join(s.format(**fields) for s in chosen)
     text = text[0].upper() + text[1:]
     return (name, text), {"text": text}
 
 
+DEFAULT_N = {"train": 500, "test": 100}
+
+
 def domain_text(split: str = "train", *, n: int | None = None, seed: int = 0) -> list[dict]:
-    count = n if n is not None else {"train": 500, "test": 100}.get(split, 100)
-    return sample_split(split, count, seed, _draw, name="domain_text", identity=lambda key: key[0], max_tries=2000)
+    """``n`` documents of ``split`` (train: 500, test: 100 by default); the split is decided
+    by the plant's name."""
+    count = n if n is not None else DEFAULT_N.get(split, DEFAULT_N["test"])
+    return sample_split(split, count, seed, _draw, name="domain_text", identity=lambda key: key[0])
