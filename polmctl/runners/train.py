@@ -76,7 +76,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     }
     if acc.is_main_process:
         write_json(run_dir / "summary.json", summary)
-        console.print(summary_table(f"{cfg.recipe.name}: {run_dir}", _table_rows(summary)))
+        console.print(summary_table(f"{cfg.recipe.name} run summary", _table_rows(summary)))
+        console.print(f"run dir: {run_dir}", highlight=False, soft_wrap=True)
     return summary
 
 
