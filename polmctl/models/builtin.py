@@ -18,7 +18,7 @@ from typing import Callable
 
 from polmctl.models.cache import cache_root
 from polmctl.models.errors import ModelError
-from polmctl.models.tiny import materialise_tiny
+from polmctl.models.tiny import write_tiny
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,16 +35,14 @@ def _smollm2_gguf() -> Path:
     return path
 
 
-def materialise_smollm2(target: Path) -> Path:
-    """GGUF -> safetensors model dir with tokenizer and chat template (written atomically)."""
+def write_smollm2(target: Path) -> None:
+    """GGUF -> safetensors model dir with tokenizer and chat template."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from polmctl.engine.progress import console
 
     gguf = _smollm2_gguf()
-    console.print(f"converting {gguf.name} once into {target} (later loads read this cache)")
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    console.print(f"converting {gguf.name} once into the model cache (later loads read the cache)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model keeps a gguf quantization_config and refuses to save; build a
@@ -56,18 +54,14 @@ def materialise_smollm2(target: Path) -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process (a parallel sweep job) got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
 
 
-BUILTIN_MODELS: dict[str, Callable[[Path], Path]] = {
-    "smollm2-135m": materialise_smollm2,
-    "tiny": materialise_tiny,
+# name -> function that writes the model dir into the (empty) directory it is given
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
+    "smollm2-135m": write_smollm2,
+    "tiny": write_tiny,
 }
 
 
@@ -75,7 +69,20 @@ def materialise_builtin(name: str, cache_dir: str | None = None) -> Path:
     if name not in BUILTIN_MODELS:
         raise ModelError(f"unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN_MODELS)}")
     target = cache_root(cache_dir) / "models" / name
-    if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        BUILTIN_MODELS[name](target)
+    if (target / "config.json").exists():
+        return target
+    # Written into a temp dir and renamed, so an interrupted conversion never leaves a
+    # half-written cache that later loads would trust.
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        BUILTIN_MODELS[name](tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        # another process (a parallel sweep job) materialised it first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target

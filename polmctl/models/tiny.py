@@ -10,8 +10,6 @@ formats conversations runs unchanged on it.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -74,18 +72,8 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Llama
     return model
 
 
-def materialise_tiny(target: Path) -> Path:
-    """Write the tiny model and tokenizer as an ordinary model dir (idempotent)."""
-    if (target / "config.json").exists():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+def write_tiny(target: Path) -> None:
+    """Write the tiny model and tokenizer as an ordinary model dir."""
     tok = build_tiny_tokenizer()
-    model = build_tiny_model(tok)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process (a parallel sweep job) got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    build_tiny_model(tok).save_pretrained(target)
+    tok.save_pretrained(target)
