@@ -92,6 +92,8 @@ class DataConfig:
     )
     max_length: int = _f(512, "maximum tokens per row (prompt + completion)")
     overlong: str = _f("truncate", "rows longer than max_length: truncate | drop | error")
+    bad_rows: str = _f("skip", "preference rows with chosen == rejected, an empty answer or no room for one: "
+                       "skip (counted and reported) | error")
     completion_only_loss: bool = _f(True, "train only on completion / assistant tokens (False: on every token)")
     packing: bool = _f(False, "padding-free packing: concatenate rows into one sequence with per-row positions")
     shuffle: bool = _f(True, "shuffle rows each epoch (seeded by the run seed)")
@@ -101,6 +103,7 @@ class DataConfig:
     def check(self, section: str) -> None:
         one_of(section, "format", self.format, ("auto", "text", "messages", "prompt_completion"))
         one_of(section, "overlong", self.overlong, ("truncate", "drop", "error"))
+        one_of(section, "bad_rows", self.bad_rows, ("skip", "error"))
         positive(section, "max_length", self.max_length)
         if self.max_rows is not None:
             positive(section, "max_rows", self.max_rows)
@@ -178,7 +181,7 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: List[str] = _f(["arithmetic"], "evaluation tasks: arithmetic (exact match) | perplexity")
+    tasks: List[str] = _f(["arithmetic"], "evaluation tasks: arithmetic (exact match) | perplexity | preference")
     before: bool = _f(True, "also evaluate the starting model, so the summary shows before and after")
     max_samples: int = _f(100, "held-out rows per task")
     batch_size: int = _f(16, "rows per generation / scoring batch")
@@ -187,7 +190,7 @@ class EvalConfig:
 
     def check(self, section: str) -> None:
         for i, t in enumerate(self.tasks):
-            one_of(section, f"tasks[{i}]", t, ("arithmetic", "perplexity"))
+            one_of(section, f"tasks[{i}]", t, ("arithmetic", "perplexity", "preference"))
         positive(section, "max_samples", self.max_samples)
         positive(section, "batch_size", self.batch_size)
         positive(section, "max_new_tokens", self.max_new_tokens)

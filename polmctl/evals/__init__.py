@@ -15,12 +15,15 @@ from polmctl.config.schema import DataConfig, EvalConfig
 from polmctl.data import load_rows
 from polmctl.evals.arithmetic import exact_match
 from polmctl.evals.perplexity import perplexity
+from polmctl.evals.preference import preference_accuracy
 
 # task name -> (default held-out source, runner)
 EVAL_TASKS = {
     "arithmetic": ("builtin:arithmetic", lambda m, t, rows, cfg: exact_match(
         m, t, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)),
     "perplexity": ("builtin:domain_text", lambda m, t, rows, cfg: perplexity(m, t, rows, batch_size=cfg.batch_size)),
+    "preference": ("builtin:arithmetic_preference", lambda m, t, rows, cfg: preference_accuracy(
+        m, t, rows, batch_size=cfg.batch_size)),
 }
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from polmctl.objectives.base import LossTerms, Objective
+from polmctl.objectives.pairwise import CPOMethod, DPOMethod, ORPOMethod, PairwiseObjective, SimPOMethod
 from polmctl.objectives.sft import SFTMethod, SFTObjective
 
-METHOD_SCHEMAS: dict[str, type] = {"sft": SFTMethod}
-OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"sft": SFTObjective}
+METHOD_SCHEMAS: dict[str, type] = {"sft": SFTMethod, "dpo": DPOMethod, "simpo": SimPOMethod, "cpo": CPOMethod,
+                                   "orpo": ORPOMethod}
+OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"sft": SFTObjective, "dpo": PairwiseObjective,
+                                                    "simpo": PairwiseObjective, "cpo": PairwiseObjective,
+                                                    "orpo": PairwiseObjective}
 
 __all__ = ["LossTerms", "Objective", "METHOD_SCHEMAS", "OBJECTIVES", "build_objective"]
 

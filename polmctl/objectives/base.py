@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +26,17 @@ class LossTerms:
 
 
 class Objective(Protocol):
+    """What the train runner and the engine need from an objective.
+
+    An objective may also define ``prepare(model, examples, *, device, model_id, cache_dir)``,
+    called once before training (e.g. to score the data with a reference model).
+    """
+
+    def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
+        """Rows -> token-id examples and stats with a one-line ``summary()``."""
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]: ...
+
     def weight(self, batch: dict) -> int:
         """The normaliser of this batch, known before the forward pass."""
 

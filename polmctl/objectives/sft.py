@@ -11,10 +11,12 @@ accumulation normalises by the tokens of the whole optimizer step, not per micro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from polmctl.data import encode_dataset, pack_collate, pad_collate
 from polmctl.objectives.base import LossTerms, logits_window
 
 IGNORE_INDEX = -100
@@ -47,6 +49,15 @@ class SFTObjective:
 
     def __init__(self, method: SFTMethod):
         self.method = method
+        self.pad_token_id, self.packing = 0, False
+
+    def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
+        self.pad_token_id, self.packing = tokenizer.pad_token_id, data.packing
+        return encode_dataset(rows, tokenizer, source=data.source, fmt=data.format, max_length=data.max_length,
+                              overlong=data.overlong, completion_only_loss=data.completion_only_loss)
+
+    def collate(self, examples: list[dict]) -> dict:
+        return pack_collate(examples) if self.packing else pad_collate(examples, self.pad_token_id)
 
     def weight(self, batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -12,21 +12,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from accelerate.utils import set_seed
 
 from polmctl.config.schema import RunConfig
-from polmctl.data import encode_dataset, load_rows, pack_collate, pad_collate
+from polmctl.data import load_rows
 from polmctl.engine.checkpoint import resolve_resume
 from polmctl.engine.device import make_accelerator
 from polmctl.engine.metrics import peak_memory_mb, write_json
 from polmctl.engine.progress import console, summary_table
 from polmctl.engine.trainer import Trainer
 from polmctl.evals import run_evals
-from polmctl.models import apply_peft, load_model, load_tokenizer, save_model, trainable_parameter_summary
+from polmctl.models import apply_peft, cache_root, load_model, load_tokenizer, save_model, trainable_parameter_summary
 from polmctl.objectives import build_objective
 
 
@@ -42,9 +41,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     rows = load_rows(cfg.data.source, cfg.data.split, max_rows=cfg.data.max_rows,
                      options=dict(cfg.data.options) or None, hub_config=cfg.data.hub_config)
-    examples, stats = encode_dataset(rows, tokenizer, source=cfg.data.source, fmt=cfg.data.format,
-                                     max_length=cfg.data.max_length, overlong=cfg.data.overlong,
-                                     completion_only_loss=cfg.data.completion_only_loss)
+    objective = build_objective(cfg.method)
+    examples, stats = objective.encode(rows, tokenizer, cfg.data)
     console.print(f"[bold]data[/] {cfg.data.source}: {stats.summary()}")
 
     model = apply_peft(load_model(cfg.model, device=acc.device, for_training=True), cfg.peft, tokenizer)
@@ -53,9 +51,14 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
                   f"({100 * trainable / total:.2f}%), peft={cfg.peft.method}")
 
     before = _evaluate(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None) if cfg.eval.before else None
-    collate = pack_collate if cfg.data.packing else partial(pad_collate, pad_token_id=tokenizer.pad_token_id)
-    trainer = Trainer(cfg=cfg.trainer, model=model, objective=build_objective(cfg.method), examples=examples,
-                      collate=collate, run_dir=run_dir, accelerator=acc, seed=cfg.seed,
+    if hasattr(objective, "prepare"):
+        with console.status("scoring the training data with the reference model"):
+            note = objective.prepare(model, examples, device=acc.device, cache_dir=cache_root(cfg.model.cache_dir) / "ref_logps",
+                                     model_id=repr((cfg.model.name_or_path, cfg.model.dtype, cfg.model.quantization,
+                                                    cfg.model.revision)))
+        console.print(f"[bold]reference[/] {note}")
+    trainer = Trainer(cfg=cfg.trainer, model=model, objective=objective, examples=examples,
+                      collate=objective.collate, run_dir=run_dir, accelerator=acc, seed=cfg.seed,
                       shuffle=cfg.data.shuffle, progress=cfg.logger.progress, tokenizer=tokenizer)
     if cfg.logger.trackers:
         acc.init_trackers(cfg.logger.project, config=_flat(asdict(cfg)))

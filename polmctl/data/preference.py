@@ -1,0 +1,145 @@
+"""Preference rows -> token ids: paired {prompt, chosen, rejected} and unpaired
+{prompt, completion, label}, with the checks that keep bad pairs out of training.
+
+    polmctl run recipe=dpo data.source=prefs.jsonl data.max_length=1024
+
+A pair's prompt is rendered once by ``format_prompt`` (the same text training, evaluation
+and chat use) and each answer by ``format_completion``. Rows whose chosen equals
+rejected, with an empty answer, or whose prompt leaves no room for an answer within
+``max_length`` are counted, the first index reported, and skipped (``data.bad_rows=skip``)
+or stop the run (``data.bad_rows=error``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polmctl.data.errors import DataError
+from polmctl.data.formats import detect_format, format_completion, format_prompt
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PreferenceStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    identical: int = 0
+    empty: int = 0
+    too_long: int = 0
+    first_skipped_index: int | None = None
+
+    def skip(self, index: int, reason: str) -> None:
+        setattr(self, reason, getattr(self, reason) + 1)
+        if self.first_skipped_index is None:
+            self.first_skipped_index = index
+
+    def summary(self) -> str:
+        text = f"{self.kept}/{self.rows} rows"
+        skipped = {k: getattr(self, k) for k in ("identical", "empty", "too_long") if getattr(self, k)}
+        if self.truncated:
+            text += f", {self.truncated} answers truncated"
+        if skipped:
+            reasons = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items())
+            text += f", skipped {reasons} (first: row {self.first_skipped_index})"
+        return text
+
+
+def _answer_ids(prompt, answer, tokenizer, room: int, where: str) -> tuple[list[int], bool]:
+    ids = tokenizer(format_completion(prompt, answer, tokenizer, where=where), add_special_tokens=False)["input_ids"]
+    return ids[:room], len(ids) > room
+
+
+def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_length: int = 512,
+                              overlong: str = "truncate", bad_rows: str = "skip") -> tuple[list[dict], PreferenceStats]:
+    """Encoded rows: {"prompt_ids", "chosen_ids", "rejected_ids"} (paired) or
+    {"prompt_ids", "completion_ids", "label"} (unpaired), ids without padding."""
+    if not rows:
+        raise DataError(f"{source}: no rows to encode")
+    fmt = detect_format(rows[0], source)
+    answers = {"preference": ("chosen", "rejected"), "unpaired": ("completion",)}.get(fmt)
+    if answers is None:
+        raise DataError(f"{source}: rows have the {fmt!r} format; a preference recipe needs "
+                        "{prompt, chosen, rejected} or {prompt, completion, label} rows")
+    stats, examples = PreferenceStats(rows=len(rows)), []
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i}"
+        missing = [c for c in ("prompt", *answers) if c not in row]
+        if missing:
+            raise DataError(f"{where}: column '{missing[0]}' is missing")
+        if any(row[c] in ("", None, []) for c in answers):
+            if bad_rows == "error":
+                raise DataError(f"{where}: an answer column is empty; fill it or remove the row")
+            stats.skip(i, "empty")
+            continue
+        if fmt == "preference" and row["chosen"] == row["rejected"]:
+            if bad_rows == "error":
+                raise DataError(f"{where}: chosen equals rejected, so the pair teaches nothing; remove the row")
+            stats.skip(i, "identical")
+            continue
+        prompt_ids = tokenizer(format_prompt(row["prompt"], tokenizer, where=f"{where}, column 'prompt'"),
+                               add_special_tokens=False)["input_ids"]
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            if overlong == "error" or bad_rows == "error":
+                raise DataError(f"{where}: the prompt alone has {len(prompt_ids)} tokens, more than "
+                                f"data.max_length={max_length}; raise it or shorten the prompt")
+            stats.skip(i, "too_long")
+            continue
+        example: dict = {"prompt_ids": prompt_ids}
+        cut = False
+        for column in answers:
+            ids, truncated = _answer_ids(row["prompt"], row[column], tokenizer, room, f"{where}, column '{column}'")
+            example[f"{column}_ids"] = ids
+            cut |= truncated
+        if cut and overlong != "truncate":
+            if overlong == "error":
+                raise DataError(f"{where} is longer than data.max_length={max_length}; raise it or set "
+                                "data.overlong=truncate|drop")
+            stats.skip(i, "too_long")
+            continue
+        if fmt == "preference" and example["chosen_ids"] == example["rejected_ids"]:
+            stats.skip(i, "identical")  # different text, but identical once truncated
+            continue
+        if fmt == "unpaired":
+            example["label"] = _label(row["label"], f"{where}, column 'label'")
+        stats.truncated += cut
+        stats.kept += 1
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{source}: no usable preference row ({stats.summary()})")
+    return examples, stats
+
+
+def _label(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "yes"):
+        return True
+    if str(value).strip().lower() in ("false", "0", "no"):
+        return False
+    raise DataError(f"{where}: expected true or false, got {value!r}")
+
+
+def _pad(sequences: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    lab = torch.full((len(sequences), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(sequences, labels)):
+        ids[i, : len(s)], lab[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def preference_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One padded batch of 2B rows: the B chosen sequences, then the B rejected ones, so a
+    single forward pass scores both; labels mark the answer tokens only."""
+    seqs, labels = [], []
+    for column in ("chosen_ids", "rejected_ids"):
+        for e in examples:
+            seqs.append(e["prompt_ids"] + e[column])
+            labels.append([IGNORE_INDEX] * len(e["prompt_ids"]) + e[column])
+    return _pad(seqs, labels, pad_token_id)
