@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from polmctl.config.schema import SECTIONS, ConfigError, RunConfig, help_for
-from polmctl.objectives import METHOD_SCHEMAS
 
 
 def _schema_at(schema: type, path: list[str]) -> type:
@@ -52,6 +51,8 @@ def _typed(node: Any, schema: type, prefix: str) -> Any:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Return the typed, checked config of a run, or raise ConfigError."""
+    from polmctl.objectives import METHOD_SCHEMAS  # here, not at the top: objectives import the schema
+
     if not isinstance(cfg, DictConfig):
         raise ConfigError("<root>", "expected a mapping")
     # A plain container, so the merge below is strict (unknown keys fail) whatever flags

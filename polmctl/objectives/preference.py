@@ -7,10 +7,10 @@ tensors of shape [B] (summed or length-averaged log-probs, as each says) and ret
 ``(losses [B], metrics {name: [B]})``: the caller sums both, and the engine normalises
 over the whole optimizer step. Nothing here calls a model.
 
-The formulas were checked against TRL: ``DPOTrainer.dpo_loss`` in trl/trainer/dpo_trainer.py
-as of the v0.2x line (the version whose ``loss_type`` list includes "sft"), and the loss
-code of CPOTrainer (cpo, simpo), ORPOTrainer.odds_ratio_loss, KTOTrainer.kto_loss and
-RewardTrainer.compute_loss.
+The DPO formulas match ``DPOTrainer.dpo_loss`` of TRL's trl/trainer/dpo_trainer.py as of a
+late-2025 main snapshot (the one whose ``loss_type`` list includes "sft"); the others match
+TRL's CPOTrainer.cpo_loss (sigmoid, simpo), ORPOTrainer.odds_ratio_loss, KTOTrainer.kto_loss
+and RewardTrainer.compute_loss.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     if loss_type == "sigmoid":
         losses = -(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)
     elif loss_type == "robust":
-        losses = (-(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
+        losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     else:
@@ -80,26 +80,26 @@ def _log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
     """log(p / (1 - p)) for p = exp(avg_logp), i.e. avg - log(1 - exp(avg)).
 
     log(1 - exp(x)) is -inf at x = 0 (a completion the model is certain of), so x is kept
-    at most -1e-6. Near 0, log1p(-exp(x)) loses the digits of the small 1 - exp(x) and
-    log(-expm1(x)) keeps them; far below 0 it is the other way round (Maechler, 2012).
+    at most -1e-6. It is computed as log(-expm1(x)) rather than log1p(-exp(x)): near 0 the
+    latter loses the digits of the small 1 - exp(x) (in float32, 5e-4 relative at x = -1e-5).
     """
     x = avg_logp.clamp(max=-1e-6)
-    log1mexp = torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-    return x - log1mexp
+    return x - torch.log(-torch.expm1(x))
 
 
 def orpo_loss(chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor, *,
               beta: float) -> tuple[torch.Tensor, Metrics]:
     """ORPO's odds-ratio term (Hong et al., 2024): -beta logsig(log odds_c - log odds_r), with
     log odds = log(p / (1 - p)) and p = exp(length-averaged log-prob). The caller adds the NLL
-    of the chosen answer. Metrics follow TRL's names: ``log_odds_chosen`` is the log-odds
-    difference, ``log_odds_ratio`` is logsig of it (the term before -beta); rewards are beta avg.
+    of the chosen answer. Metrics: ``log_odds_ratio`` = log odds_c - log odds_r,
+    ``log_odds_chosen`` = log odds_c, rewards beta avg. (TRL logs other quantities under these
+    names: logsig of the difference as ``log_odds_ratio``, the difference as ``log_odds_chosen``.)
     """
-    log_odds = _log_odds(chosen_avg_logp) - _log_odds(rejected_avg_logp)
-    ratio = F.logsigmoid(log_odds)
+    log_odds_chosen = _log_odds(chosen_avg_logp)
+    ratio = log_odds_chosen - _log_odds(rejected_avg_logp)
     metrics = _rewards(beta * chosen_avg_logp, beta * rejected_avg_logp)
-    metrics.update({"log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
-    return -beta * ratio, metrics
+    metrics.update({"log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds_chosen.detach()})
+    return -beta * F.logsigmoid(ratio), metrics
 
 
 def kto_kl_estimate(policy_mismatched_logps: torch.Tensor, ref_mismatched_logps: torch.Tensor) -> torch.Tensor:

@@ -96,10 +96,12 @@ def test_dpo_hinge_is_zero_once_beta_h_reaches_one():
     close(losses, [0.0, 0.5, 0.0, 1.5])
 
 
-def test_dpo_ipo_matches_hand_computed_values():
+def test_dpo_ipo_matches_hand_computed_values_and_is_zero_at_its_target():
     losses, m = dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type="ipo", label_smoothing=0.3)  # ignored by ipo
     close(losses, [(2 - 1) ** 2, (-1 - 1) ** 2])  # 1 / (2 beta) = 1
     close(m["rewards/margins"], [1.0, -0.5])
+    at_target, _ = dpo_loss(t(4.0), t(-1.0), t(0.0), t(0.0), beta=0.1, loss_type="ipo")  # h = 5 = 1 / (2 beta)
+    close(at_target, [0.0])
 
 
 def test_dpo_rejects_unknown_loss_and_robust_smoothing_of_a_half():
@@ -145,20 +147,20 @@ def test_cpo_matches_hand_computed_values():
 
 
 def test_orpo_matches_hand_computed_values():
-    # p_c = 0.5 -> odds 1, log odds 0; p_r = 0.2 -> odds 0.25; difference log 4
+    # p_c = 0.5 -> odds 1, log odds 0; p_r = 0.2 -> odds 0.25; log odds ratio = log 4
     losses, m = orpo_loss(t(math.log(0.5)), t(math.log(0.2)), beta=0.1)
     close(losses, [0.1 * math.log(1.25)])  # -logsig(log 4) = log(1 + 1/4)
-    close(m["log_odds_chosen"], [math.log(4)])
-    close(m["log_odds_ratio"], [-math.log(1.25)])
+    close(m["log_odds_ratio"], [math.log(4)])
+    close(m["log_odds_chosen"], [0.0])
     close(m["rewards/chosen"], [0.1 * math.log(0.5)])
 
 
 def test_orpo_log_odds_stay_accurate_near_zero():
-    # log odds of p = exp(-1e-3): x - log(1 - e^x), computed in float64 here
-    x = -1e-3
-    expected = x - math.log(-math.expm1(x))
+    # log odds of p = exp(-1e-5): x - log(1 - e^x), computed in float64 here. In float32,
+    # log1p(-exp(x)) is off by ~5e-4 relative at this x.
+    x = -1e-5
     _, m = orpo_loss(t(x), t(math.log(0.5)), beta=0.1)
-    torch.testing.assert_close(m["log_odds_chosen"], t(expected), rtol=1e-5, atol=0)
+    torch.testing.assert_close(m["log_odds_chosen"], t(x - math.log(-math.expm1(x))), rtol=1e-5, atol=0)
 
 
 def test_orpo_is_finite_with_finite_gradients_when_avg_logp_is_zero_or_nearly():
@@ -166,7 +168,7 @@ def test_orpo_is_finite_with_finite_gradients_when_avg_logp_is_zero_or_nearly():
     rejected = t(-1e-7, 0.0, -2.0, -60.0).requires_grad_()
     losses, m = orpo_loss(chosen, rejected, beta=0.1)
     losses.sum().backward()
-    for value in (losses, m["log_odds_chosen"], chosen.grad, rejected.grad):
+    for value in (losses, m["log_odds_ratio"], chosen.grad, rejected.grad):
         assert torch.isfinite(value).all()
 
 
