@@ -1,43 +1,115 @@
-"""Attach peft adapters by ``peft.method``: lora, dora, prompt_tuning, prefix_tuning (none: full FT)."""
+"""Attach peft adapters by ``peft.method``: lora, dora, prompt_tuning, prefix_tuning (none: full fine-tuning).
+
+    polmctl run recipe=lora peft.r=8 peft.target_modules=[q_proj,v_proj]
+    polmctl run recipe=prompt_tuning peft.prompt_init_text="Answer with the number only."
+
+Known limit (transformers 5.24 + peft 0.21.2): training forward/backward of prompt and
+prefix tuning is right, but ``PeftModel.generate`` is not. transformers renamed the
+generation cache kwarg ``past_key_values`` to ``cache``; peft's
+``PeftModelForCausalLM.prepare_inputs_for_generation`` still reads and writes
+``past_key_values``, so it re-injects the soft prompt at every decoding step (prompt
+tuning with a KV cache) and hands the prefix as ``past_key_values`` next to generate's own
+``cache``, which the model's ``deprecate_kwarg`` keeps while dropping the prefix (prefix
+tuning, with or without a KV cache from the second step on). See the tests in
+tests/unit/test_models_adapters.py. ``polmctl.rollout.generate`` (used by every eval and
+sampler) decodes prompt-learning models with its own loop instead, so polmctl is unaffected.
+"""
 
 from __future__ import annotations
 
 from polmctl.config.schema import PeftConfig
+from polmctl.models.errors import ModelError
+
+METHODS = ("none", "lora", "dora", "prompt_tuning", "prefix_tuning")
 
 
-def peft_config(cfg: PeftConfig, tokenizer=None, model_path: str | None = None):
+def peft_config(cfg: PeftConfig, tokenizer=None, model=None):
+    """The peft config object for ``cfg.method`` (not ``none``)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     if cfg.method in ("lora", "dora"):
-        targets = cfg.target_modules[0] if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
+        targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=targets, use_dora=cfg.method == "dora", use_rslora=cfg.use_rslora)
     if cfg.method == "prompt_tuning":
-        if cfg.prompt_init_text:
-            return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
-                                      prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
-                                      tokenizer_name_or_path=model_path or tokenizer.name_or_path)
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+        if not cfg.prompt_init_text:
+            return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+        # peft tokenizes the init text itself, loading the tokenizer from this name or dir.
+        source = getattr(tokenizer, "name_or_path", None) or getattr(model, "name_or_path", None)
+        if not source:
+            raise ModelError("peft.prompt_init_text needs the model's tokenizer: pass it to apply_peft")
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
+                                  tokenizer_name_or_path=source)
     if cfg.method == "prefix_tuning":
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
-    raise ValueError(f"peft.method={cfg.method!r} has no adapter")
+    raise ModelError(f"peft.method={cfg.method!r} is not an adapter; use one of {', '.join(METHODS)}")
+
+
+def _adapter_method(model) -> str:
+    """The peft.method name of a PeftModel's active adapter."""
+    config = model.active_peft_config
+    kind = getattr(config.peft_type, "value", str(config.peft_type)).lower()
+    if kind == "lora":
+        return "dora" if getattr(config, "use_dora", False) else "lora"
+    return kind
+
+
+def _linear_names(model) -> list[str]:
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def apply_peft(model, cfg: PeftConfig, tokenizer=None):
-    """Wrap ``model`` with the configured adapter; with ``none`` every parameter trains."""
+    """``model`` with the adapter of ``cfg.method`` attached; only adapter parameters train.
+
+    ``none`` returns the model itself with every parameter trainable (full fine-tuning).
+    A model that already carries a peft adapter (loaded from an adapter dir) is returned as
+    it is, so training continues that adapter; its method must match ``cfg.method``.
+    """
     from peft import PeftModel, get_peft_model
 
-    if isinstance(model, PeftModel):  # a run dir's adapter, loaded trainable: continue training it
+    if cfg.method not in METHODS:
+        raise ModelError(f"peft.method={cfg.method!r} is unknown; use one of {', '.join(METHODS)}")
+    if isinstance(model, PeftModel):
+        loaded = _adapter_method(model)
+        if loaded != cfg.method:
+            raise ModelError(f"the model already carries a {loaded} adapter but peft.method={cfg.method}; set "
+                             f"peft.method={loaded} to continue training it, or start from a merged or base model")
         return model
     if cfg.method == "none":
+        if getattr(model, "is_quantized", False):
+            raise ModelError("full fine-tuning (peft.method=none) cannot update quantized weights; use "
+                             "peft.method=lora (QLoRA) or model.quantization=none")
         for p in model.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
         return model
-    return get_peft_model(model, peft_config(cfg, tokenizer, getattr(model, "name_or_path", None)))
+    try:
+        return get_peft_model(model, peft_config(cfg, tokenizer, model))
+    except ValueError as err:
+        message = str(err).lower()
+        if "target modules" in message or "target_modules" in message:
+            raise ModelError(f"peft.target_modules={list(cfg.target_modules)} matches no layer of the model; "
+                             f"linear layers: {', '.join(_linear_names(model))}, or use [all-linear]") from None
+        if "gradient checkpointing" in message:
+            raise ModelError(f"peft.method={cfg.method} does not work with model.gradient_checkpointing=true "
+                             "(peft refuses it); set model.gradient_checkpointing=false") from None
+        raise ModelError(f"peft.method={cfg.method}: {str(err).strip().splitlines()[0]}") from err
 
 
 def trainable_parameter_summary(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """``(trainable, total)`` parameter counts; 4-bit weights are counted unpacked, as peft does."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel knows its packed 4-bit params
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
+            n *= 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
     return trainable, total

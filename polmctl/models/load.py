@@ -3,6 +3,9 @@
     polmctl run recipe=lora model.name_or_path=HuggingFaceTB/SmolLM2-360M-Instruct
     polmctl run recipe=qlora model.quantization=nf4 model.dtype=bfloat16
     polmctl eval outputs/lora/2026-11-24/10-00-00       # a run dir loads its final/
+
+A dir holding a peft adapter (adapter_config.json) loads the base model it names, then
+attaches the adapter. Quantization (bitsandbytes nf4 / fp4 / int8) works on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -14,108 +17,201 @@ from pathlib import Path
 import torch
 
 from polmctl.config.schema import ModelConfig
-from polmctl.models.builtin import materialise_builtin
+from polmctl.models.builtin import BUILTIN_MODELS, materialise_builtin
 from polmctl.models.errors import ModelError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# What a failing library call raises for a missing, unreachable or malformed model.
+LOAD_ERRORS = (OSError, ValueError)
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
-    """builtin:<name> -> its cache dir; a run dir -> its final/; a model dir or hub id as is."""
+    """builtin:<name> -> its cache dir; a run dir -> its final/; a model dir or hub id (org/name) as is."""
     if name_or_path.startswith("builtin:"):
         return str(materialise_builtin(name_or_path.split(":", 1)[1], cache_dir))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if (path / "final").is_dir():
+        if (path / "final").is_dir():  # a polmctl run dir
             return str(path / "final")
         if (path / "config.json").exists() or (path / "adapter_config.json").exists():
             return str(path)
-        raise ModelError(f"{name_or_path} is a directory but holds no model (no config.json, "
-                         "adapter_config.json or final/); point model.name_or_path at a model or run dir")
-    if HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+        hint = " (a run dir without final/: the run has not finished)" if (path / "checkpoints").is_dir() else ""
+        raise ModelError(f"{name_or_path} holds no model{hint}: no config.json, adapter_config.json or final/; "
+                         "point model.name_or_path at a model dir, a finished run dir, a hub id or builtin:<name>")
+    if path.exists():
+        raise ModelError(f"{name_or_path} is a file, not a model dir; point model.name_or_path at the dir that "
+                         "holds config.json (or adapter_config.json)")
+    if HUB_ID.match(name_or_path):
         return name_or_path
-    raise ModelError(f"model {name_or_path!r} not found: not a local dir, not builtin:<name>, not a hub id "
-                     "(org/name); builtin models are builtin:smollm2-135m and builtin:tiny")
+    raise ModelError(f"model {name_or_path!r} not found: no such local dir, and not a hub id (org/name) or "
+                     f"builtin:<name> ({', '.join('builtin:' + n for n in BUILTIN_MODELS)})")
 
 
-def _hub_call(fn, name: str, **kwargs):
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _call(fn, name: str, what: str, **kwargs):
+    """``fn(name, **kwargs)``, with a failure turned into one ModelError line naming ``name``."""
     try:
         return fn(name, **kwargs)
-    except (OSError, ValueError) as err:
-        if Path(name).exists():
-            raise
-        raise ModelError(f"cannot load {name!r} from the hub ({type(err).__name__}): the hub is unreachable "
-                         "or the id is wrong; use a local dir or builtin:smollm2-135m") from None
+    except LOAD_ERRORS as err:
+        if Path(name).expanduser().exists():
+            raise ModelError(f"cannot load the {what} from {name}: {_first_line(err)}") from err
+        raise ModelError(f"cannot load {name!r} ({what}) from the Hugging Face hub: {_first_line(err)} "
+                         "Check the id and the network, or use a local dir or builtin:smollm2-135m "
+                         "(set HF_HUB_OFFLINE=1 to fail at once without a hub)") from err
+
+
+def _adapter_base(path: str, cache_dir: str | None) -> str | None:
+    """The resolved base model of the peft adapter in ``path``, or None if ``path`` holds no adapter."""
+    adapter = Path(path) / "adapter_config.json"
+    if not adapter.is_file():
+        return None
+    try:
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError) as err:
+        raise ModelError(f"{adapter} is not a peft adapter config ({err}); re-save the adapter") from None
+    if not base:
+        raise ModelError(f"{adapter} names no base_model_name_or_path; set it to the base model's dir or hub id")
+    try:
+        return resolve_model_path(base, cache_dir)
+    except ModelError as err:
+        raise ModelError(f"the adapter in {path} needs its base model {base!r}, which cannot be found ({err}); "
+                         "restore that dir or edit base_model_name_or_path in adapter_config.json") from None
+
+
+def _read_chat_template(value: str) -> str:
+    """model.chat_template is inline Jinja or the path of a file that holds it."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelError(f"model.chat_template={value!r} is neither a Jinja template nor an existing file; "
+                         "give the template text or the path of a .jinja file")
+    return path.read_text()
 
 
 def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer with a pad token, right padding, and ``cfg.chat_template`` if given."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path, cfg.cache_dir)
-    tok = _hub_call(AutoTokenizer.from_pretrained, path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    # An adapter dir normally carries the tokenizer (save_model writes it); if not, use its base's.
+    base = _adapter_base(path, cfg.cache_dir)
+    if base is not None and not (Path(path) / "tokenizer_config.json").exists():
+        path = base
+    tok = _call(AutoTokenizer.from_pretrained, path, "tokenizer",
+                trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.chat_template:
-        template = Path(cfg.chat_template).expanduser()
-        tok.chat_template = template.read_text() if template.is_file() else cfg.chat_template
+        tok.chat_template = _read_chat_template(cfg.chat_template)
     if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError(f"the tokenizer of {cfg.name_or_path} has neither a pad nor an eos token; "
+                             "use a model whose tokenizer defines an eos token")
         tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
+    tok.padding_side = "right"  # training pads right; generation switches to left itself
     return tok
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """model.dtype -> torch dtype; auto is bfloat16 on CUDA GPUs that support it, else float32."""
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, name)
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+def _check_device(device: torch.device) -> torch.device:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device} was asked for but CUDA is not available here; use trainer.device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def quantization_config(cfg: ModelConfig, device: torch.device):
+    """A transformers BitsAndBytesConfig for ``cfg.quantization`` on ``device``, or None for none."""
     if cfg.quantization == "none":
         return None
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
         from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise ModelError(f"model.quantization={cfg.quantization} needs bitsandbytes: pip install bitsandbytes") from None
+    except (ImportError, RuntimeError, OSError) as err:  # missing, or its native library does not load
+        raise ModelError(f"model.quantization={cfg.quantization} needs a working bitsandbytes "
+                         f"({_first_line(err)}): pip install -U bitsandbytes, or set model.quantization=none") from None
+    supported = getattr(bitsandbytes, "supported_torch_devices", {"cpu", "cuda"})
+    if device.type not in supported:
+        raise ModelError(f"model.quantization={cfg.quantization}: bitsandbytes {bitsandbytes.__version__} does not "
+                         f"run on {device.type} (it runs on {', '.join(sorted(supported))}); "
+                         "use another device or model.quantization=none")
     if cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    if device.type == "cuda":
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        compute = torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
-                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=cfg.double_quant)
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=cfg.double_quant)
+
+
+def _enable_checkpointing(model) -> None:
+    """Activation checkpointing (non-reentrant) with input grads on, so frozen-base adapters get gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
 
 
 def load_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", for_training: bool = True):
-    """A causal LM on ``device``; a dir holding a peft adapter loads its base, then the adapter."""
+    """A causal LM on ``device``, in train mode if ``for_training`` else in eval mode with no grads.
+
+    A dir holding a peft adapter loads the base model it names and attaches the adapter
+    (trainable if ``for_training``). A quantized base that is trained goes through
+    ``peft.prepare_model_for_kbit_training``.
+    """
     from transformers import AutoModelForCausalLM
 
-    device = torch.device(device)
+    device = _check_device(torch.device(device))
     path = resolve_model_path(cfg.name_or_path, cfg.cache_dir)
-    adapter = Path(path) / "adapter_config.json"
-    base_path = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
+    base_path = _adapter_base(path, cfg.cache_dir)
     dtype = resolve_dtype(cfg.dtype, device)
-    quant = quantization_config(cfg, dtype)
+    quant = quantization_config(cfg, device)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": device.index or 0} if device.type == "cuda" else "cpu")
-    model = _hub_call(AutoModelForCausalLM.from_pretrained, base_path, **kwargs)
+        kwargs.update(quantization_config=quant, device_map={"": device})
+    try:
+        model = _call(AutoModelForCausalLM.from_pretrained, base_path or path, "model", **kwargs)
+    except ImportError as err:  # e.g. attn_implementation=flash_attention_2 without flash-attn
+        raise ModelError(f"cannot load {cfg.name_or_path}: {_first_line(err)}") from None
     if quant is None:
         model.to(device)
-    if quant is not None and for_training:
-        from peft import prepare_model_for_kbit_training
+    if for_training:
+        if quant is not None:
+            from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing and for_training:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if adapter.exists():
+            # Checkpointing is switched on below, through transformers' current API.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(model)
+    if base_path is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path, is_trainable=for_training)
-    if not for_training:
+    if for_training:
+        model.train()
+    else:
         model.eval()
+        model.requires_grad_(False)
     return model
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, *, device: torch.device | str = "cpu", for_training: bool = True):
+    """``(load_model(cfg, ...), load_tokenizer(cfg))``."""
     return load_model(cfg, device=device, for_training=for_training), load_tokenizer(cfg)

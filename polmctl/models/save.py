@@ -1,7 +1,13 @@
-"""Write a model dir that ``from_pretrained`` loads: weights (safetensors) + tokenizer + chat template."""
+"""Write a model dir that ``from_pretrained`` loads: weights (safetensors) + tokenizer + chat template.
+
+A peft model is written as its adapter (adapter_model.safetensors + adapter_config.json,
+whose base_model_name_or_path names the base model dir or hub id), or with
+``merge_adapters`` as one full model with the LoRA/DoRA update merged into the weights.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -9,28 +15,47 @@ from pathlib import Path
 from polmctl.models.errors import ModelError
 
 
-def save_model(model, tokenizer, out_dir: Path, *, merge_adapters: bool = False) -> Path:
-    """Save into ``out_dir`` atomically (a temp dir, then a rename), replacing what was there.
-
-    A peft model saves its adapter, whose config points at the base model dir, unless
-    ``merge_adapters``: then the adapters are merged into a copy of the base weights.
-    """
+def _write(model, tokenizer, tmp: Path, merge_adapters: bool) -> None:
     from peft import PeftModel
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
-    if isinstance(model, PeftModel) and merge_adapters:
-        if getattr(model.get_base_model(), "is_quantized", False):
-            raise ModelError("peft.merge_on_save with a quantized base is not supported: save the adapter "
-                             "(peft.merge_on_save=false) and merge into a full-precision base later")
-        import copy
-
-        to_save = copy.deepcopy(model).merge_and_unload()
+    if isinstance(model, PeftModel):
+        if merge_adapters:
+            config = model.active_peft_config
+            if getattr(config.peft_type, "value", config.peft_type) != "LORA":
+                raise ModelError(f"cannot merge a {config.peft_type} adapter into the weights (only lora and dora "
+                                 "merge); save without merging (peft.merge_on_save=false)")
+            if getattr(model.get_base_model(), "is_quantized", False):
+                raise ModelError("merging adapters into a quantized base is not supported (it would need a "
+                                 "de-quantized copy of the base): save the adapter (peft.merge_on_save=false) and "
+                                 "merge it into a full-precision base later")
+            # A copy: the caller keeps training or evaluating the unmerged model.
+            to_save = copy.deepcopy(model).merge_and_unload()
+    elif merge_adapters and getattr(model, "peft_config", None):
+        raise ModelError("merge_adapters needs a peft.PeftModel; this model has adapters injected another way")
     to_save.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+
+
+def save_model(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False) -> Path:
+    """Save ``model`` and ``tokenizer`` into ``out_dir``, atomically, replacing what was there.
+
+    Everything is written into ``<out_dir>.tmp-<pid>`` first and renamed into place only
+    when complete; if writing fails, an existing ``out_dir`` is left untouched.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(model, tokenizer, tmp, merge_adapters)
+        if out_dir.exists():
+            # Move the old dir aside first: at every moment one complete dir is on disk.
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
