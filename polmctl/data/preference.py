@@ -124,7 +124,7 @@ def _label(value, where: str) -> bool:
     raise DataError(f"{where}: expected true or false, got {value!r}")
 
 
-def _pad(sequences: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     longest = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     lab = torch.full((len(sequences), longest), IGNORE_INDEX, dtype=torch.long)
@@ -142,4 +142,4 @@ def preference_collate(examples: list[dict], pad_token_id: int) -> dict[str, tor
         for e in examples:
             seqs.append(e["prompt_ids"] + e[column])
             labels.append([IGNORE_INDEX] * len(e["prompt_ids"]) + e[column])
-    return _pad(seqs, labels, pad_token_id)
+    return pad_sequences(seqs, labels, pad_token_id)

@@ -91,7 +91,7 @@ class Trainer:
         if weight.item() == 0:
             raise TrainingError(f"step {self.step + 1}: no trainable token in the batch; check the data's masking")
         self.model.train()
-        loss_total, metric_sums, tokens = 0.0, {}, 0
+        loss_total, metric_sums, metric_counts, tokens = 0.0, {}, {}, 0
         for k, batch in enumerate(batches):
             batch = {key: v.to(self.acc.device) for key, v in batch.items()}
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -106,8 +106,11 @@ class Trainer:
                         "trainer.warmup_steps, or set model.dtype=float32")
                 self.acc.backward(loss)
             loss_total += loss.item()
-            for name, value in terms.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + float(value) / weight.item()
+            for name, value in terms.metrics.items():  # a (sum, count) pair is a mean over its own count
+                total, count = value if isinstance(value, tuple) else (value, None)
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(total)
+                if count is not None:
+                    metric_counts[name] = metric_counts.get(name, 0.0) + float(count)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm or float("inf")
         grad_norm = self.acc.clip_grad_norm_(params, max_norm)
@@ -117,7 +120,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss_total = self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), reduction="sum").item()
-        return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, **metric_sums}
+        # A subset metric whose subset was empty this step (count 0) is left out, not logged as NaN.
+        means = {name: total / metric_counts.get(name, weight.item())
+                 for name, total in metric_sums.items() if metric_counts.get(name, 1)}
+        return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, **means}
 
     def _last_checkpoint(self) -> str:
         found = list_checkpoints(self.run_dir / "checkpoints")

@@ -17,12 +17,14 @@ class LossTerms:
     The engine divides ``loss_sum`` by the summed ``weight`` of all micro-batches in the
     step (across processes too), so the step's loss is an exact mean over tokens (or
     pairs, or sequences) however the step was split into micro-batches.
-    ``metrics`` are sums over the micro-batch, averaged by the engine with the same weight.
+    ``metrics`` are sums over the micro-batch, averaged by the engine with the same weight;
+    a metric over a subset of the batch (e.g. KTO's desirable rows) is a ``(sum, count)``
+    pair instead, and the engine divides the step's summed sums by the summed counts.
     """
 
     loss_sum: torch.Tensor
     weight: torch.Tensor | int
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class Objective(Protocol):

@@ -109,11 +109,7 @@ class PairwiseObjective:
                                          overlong=data.overlong, bad_rows=data.bad_rows)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = preference_collate(examples, self.pad_token_id)
-        if "ref_chosen" in examples[0]:
-            batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples])
-            batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples])
-        return batch
+        return with_reference(preference_collate(examples, self.pad_token_id), examples)
 
     def weight(self, batch: dict) -> int:
         return batch["input_ids"].size(0) // 2
@@ -153,17 +149,17 @@ class PairwiseObjective:
         path = cache_dir / f"{reference_cache_key(model_id, examples)}.pt"
         if path.exists():
             cached = torch.load(path)
-            for e, (c, r) in zip(examples, cached.tolist()):
-                e["ref_chosen"], e["ref_rejected"] = c, r
+            for e, pair in zip(examples, cached.tolist()):
+                e["ref_logps"] = tuple(pair)
             return f"reference log-probs: reused {path}"
         values = []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            batch = {k: v.to(device) for k, v in preference_collate(chunk, self.pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in self.collate(chunk).items()}
             chosen, rejected = self.reference_logps(model, batch)
             values += list(zip(chosen.tolist(), rejected.tolist()))
-        for e, (c, r) in zip(examples, values):
-            e["ref_chosen"], e["ref_rejected"] = c, r
+        for e, pair in zip(examples, values):
+            e["ref_logps"] = pair
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{id(values)}")
         torch.save(torch.tensor(values), tmp)
@@ -177,8 +173,8 @@ class PairwiseObjective:
         chosen, rejected = logps[:half], logps[half:]
         m = self.method
         if m.objective == "dpo":
-            if "ref_chosen" in batch:
-                ref_chosen, ref_rejected = batch["ref_chosen"].to(logps), batch["ref_rejected"].to(logps)
+            if "ref_logps" in batch:
+                ref_chosen, ref_rejected = batch["ref_logps"].to(logps).unbind(-1)
             else:
                 ref_chosen, ref_rejected = self.reference_logps(model, batch)
             if m.loss == "ipo":  # IPO is defined on length-averaged log-probs (as in TRL)
@@ -202,10 +198,17 @@ class PairwiseObjective:
         return LossTerms(loss_sum=loss.sum(), weight=half, metrics=metrics)
 
 
+def with_reference(batch: dict, examples: list[dict]) -> dict:
+    """Add the examples' precomputed reference log-probs ([B, 2]: first half, second half)."""
+    if "ref_logps" in examples[0]:
+        batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
+    return batch
+
+
 def reference_cache_key(model_id: str, examples: list[dict]) -> str:
     """Same model (id, dtype, quantization) and same token ids (so same data and
     tokenisation): same cached values, across runs and sweep jobs."""
     digest = hashlib.sha256(model_id.encode())
     for e in examples:
-        digest.update(repr((e["prompt_ids"], e["chosen_ids"], e["rejected_ids"])).encode())
+        digest.update(repr(sorted((k, v) for k, v in e.items() if k.endswith("_ids"))).encode())
     return digest.hexdigest()[:24]

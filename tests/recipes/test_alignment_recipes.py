@@ -10,6 +10,7 @@ pytestmark = pytest.mark.recipes
 
 RECIPES = {"dpo": "trainer.lr=3e-2", "ipo": "trainer.lr=3e-2", "simpo": "trainer.lr=3e-2",
            "orpo": "trainer.lr=3e-2", "cpo": "trainer.lr=3e-2"}
+PAIRED = list(RECIPES)
 REPEATED_BATCH = ["data.max_rows=4", "trainer.micro_batch_size=4", "trainer.grad_accum=1", "trainer.max_steps=12",
                   "peft.dropout=0", "trainer.max_grad_norm=0", "trainer.scheduler=constant"]
 
@@ -64,3 +65,20 @@ def test_sft_rows_in_a_preference_recipe_fail_early(train_recipe):
 
     with pytest.raises(DataError, match="needs .prompt, chosen, rejected."):
         train_recipe("dpo", "data=arithmetic")
+
+
+def test_kto_trains_desirable_up_and_undesirable_down(train_recipe):
+    run = train_recipe("kto", "trainer.lr=3e-3", "method.beta=1.0", *REPEATED_BATCH[1:], "data.max_rows=8",
+                       "trainer.micro_batch_size=8")
+    assert run.unchanged_parameters() == []
+    lines = read_metrics(run.dir / "metrics.jsonl")
+    assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-4)  # policy == reference: 1 - sigmoid(0) for every row
+    assert lines[-1]["loss"] < lines[0]["loss"] - 0.05
+    assert lines[-1]["rewards/chosen"] > 0 > lines[-1]["rewards/rejected"]
+
+
+def test_kto_rejects_paired_rows(train_recipe):
+    from polmctl.data import DataError
+
+    with pytest.raises(DataError, match="kto needs unpaired rows"):
+        train_recipe("kto", "data=arithmetic_preference")

@@ -80,3 +80,10 @@ def test_collate_puts_chosen_then_rejected_with_answer_labels():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [6, 7, 8, 0], [1, 2, 4, 5], [6, 9, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 3, -100], [-100, 7, 8, -100], [-100, -100, 4, 5], [-100, 9, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_arithmetic_feedback_labels_match_the_answers():
+    rows = load_rows("builtin:arithmetic_feedback", "train", options={"n": 300})
+    assert 0.3 < sum(r["label"] for r in rows) / len(rows) < 0.7
+    for row in rows:
+        assert (extract_answer(row["completion"]) == row["answer"]) == row["label"]

@@ -13,7 +13,7 @@ from polmctl.data.builtin.answers import extract_answer
 from polmctl.data.builtin.arithmetic import arithmetic
 from polmctl.data.builtin.domain_text import domain_text
 from polmctl.data.builtin.instructions import instructions
-from polmctl.data.builtin.preference import arithmetic_preference, style_preference
+from polmctl.data.builtin.preference import arithmetic_feedback, arithmetic_preference, style_preference
 
 BUILTIN_SOURCES: dict[str, Callable[..., list[dict]]] = {
     "arithmetic": arithmetic,
@@ -21,6 +21,7 @@ BUILTIN_SOURCES: dict[str, Callable[..., list[dict]]] = {
     "domain_text": domain_text,
     "arithmetic_preference": arithmetic_preference,
     "style_preference": style_preference,
+    "arithmetic_feedback": arithmetic_feedback,
 }
 
 __all__ = ["BUILTIN_SOURCES", "extract_answer"]

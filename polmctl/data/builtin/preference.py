@@ -7,6 +7,9 @@
 train/test partition), chosen = the correct worked answer, rejected = a plausible wrong
 one (an arithmetic slip in the result, or the wrong operation).
 
+``arithmetic_feedback``: the same problems as unpaired rows {prompt, completion, label}
+for KTO, half with the right answer (true) and half with a wrong one (false).
+
 ``style_preference``: the questions of ``builtin:instructions``; both answers are right,
 chosen is concise, rejected wraps the same answer in filler. A reward model trained on it
 should prefer concise answers on held-out pairs.
@@ -63,3 +66,16 @@ def style_preference(split: str = "train", *, n: int | None = None, seed: int = 
         rambling = f"{rng.choice(OPENERS)} {answer} {rng.choice(CLOSERS)}"
         pairs.append({"prompt": r["messages"][0]["content"], "chosen": answer, "rejected": rambling})
     return pairs
+
+
+def arithmetic_feedback(split: str = "train", *, n: int | None = None, max_operand: int = 30, ops: str = "+-",
+                        steps: int = 1, seed: int = 0) -> list[dict]:
+    """Unpaired rows for KTO: each problem with either its right answer (label true) or a
+    wrong one (label false), chosen at random, so no prompt appears twice."""
+    rng = random.Random(f"arithmetic_feedback:{split}:{seed}")
+    rows = []
+    for pair in arithmetic_preference(split, n=n, max_operand=max_operand, ops=ops, steps=steps, seed=seed):
+        good = rng.random() < 0.5
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good,
+                     "answer": pair["answer"]})
+    return rows
