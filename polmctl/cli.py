@@ -108,8 +108,24 @@ def eval_(ctx: typer.Context, model: Optional[str] = typer.Argument(
         model = None
     overrides = ["runner=evaluate", "eval.before=false", "hydra.run.dir=outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}"]
     if model is not None:
-        overrides.append(f"model.name_or_path={model}")
+        overrides += [f"model.name_or_path={model}", *_run_eval_overrides(Path(model))]
     entry_main([*overrides, *args])
+
+
+def _run_eval_overrides(run_dir: Path) -> list[str]:
+    """A run dir is evaluated on its own eval tasks and held-out source (overrides after it win)."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    run_eval = OmegaConf.load(saved).get("eval") or {}
+    out = []
+    if run_eval.get("tasks"):
+        out.append(f"eval.tasks=[{','.join(run_eval.tasks)}]")
+    if run_eval.get("source"):
+        out.append(f"eval.source={run_eval.source}")
+    return out
 
 
 def _fail(message: str) -> None:

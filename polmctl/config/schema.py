@@ -181,7 +181,7 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: List[str] = _f(["arithmetic"], "evaluation tasks: arithmetic (exact match) | perplexity | preference")
+    tasks: List[str] = _f(["arithmetic"], "evaluation tasks: arithmetic (exact match) | perplexity | preference | reward (reward models)")
     before: bool = _f(True, "also evaluate the starting model, so the summary shows before and after")
     max_samples: int = _f(100, "held-out rows per task")
     batch_size: int = _f(16, "rows per generation / scoring batch")
@@ -190,7 +190,7 @@ class EvalConfig:
 
     def check(self, section: str) -> None:
         for i, t in enumerate(self.tasks):
-            one_of(section, f"tasks[{i}]", t, ("arithmetic", "perplexity", "preference"))
+            one_of(section, f"tasks[{i}]", t, ("arithmetic", "perplexity", "preference", "reward"))
         positive(section, "max_samples", self.max_samples)
         positive(section, "batch_size", self.batch_size)
         positive(section, "max_new_tokens", self.max_new_tokens)

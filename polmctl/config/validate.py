@@ -75,6 +75,20 @@ def validate(cfg: DictConfig) -> RunConfig:
     check = getattr(run.method, "check", None)
     if check:
         check("method")
+    if run.runner == "train":
+        _check_eval_fits_model(run, objective)
     if run.resume not in (None, "auto") and not run.resume:
         raise ConfigError("resume", "use auto or a checkpoint path")
     return run
+
+
+def _check_eval_fits_model(run: RunConfig, objective: str) -> None:
+    """A reward model (no LM head) runs only the reward task; a language model runs all others."""
+    from polmctl.evals import REWARD_MODEL_TASKS
+
+    reward_model = objective == "reward_model"
+    for i, task in enumerate(run.eval.tasks):
+        if reward_model != (task in REWARD_MODEL_TASKS):
+            fix = "eval.tasks=[reward]" if reward_model else "an LM task (arithmetic, perplexity, preference)"
+            raise ConfigError(f"eval.tasks[{i}]", f"{task!r} cannot evaluate what method.objective={objective} "
+                              f"trains; use {fix}")

@@ -55,8 +55,8 @@ def _answer_ids(prompt, answer, tokenizer, room: int, where: str) -> tuple[list[
 
 def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_length: int = 512,
                               overlong: str = "truncate", bad_rows: str = "skip") -> tuple[list[dict], PreferenceStats]:
-    """Encoded rows: {"prompt_ids", "chosen_ids", "rejected_ids"} (paired) or
-    {"prompt_ids", "completion_ids", "label"} (unpaired), ids without padding."""
+    """Encoded rows: {"prompt_ids", "chosen_ids", "rejected_ids"} (paired, plus "margin" where
+    the row has one) or {"prompt_ids", "completion_ids", "label"} (unpaired), ids without padding."""
     if not rows:
         raise DataError(f"{source}: no rows to encode")
     fmt = detect_format(rows[0], source)
@@ -106,12 +106,24 @@ def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_l
             continue
         if fmt == "unpaired":
             example["label"] = _label(row["label"], f"{where}, column 'label'")
+        if fmt == "preference" and row.get("margin") is not None:  # reward modelling's optional required gap
+            example["margin"] = _margin(row["margin"], f"{where}, column 'margin'")
         stats.truncated += cut
         stats.kept += 1
         examples.append(example)
     if not examples:
         raise DataError(f"{source}: no usable preference row ({stats.summary()})")
     return examples, stats
+
+
+def _margin(value, where: str) -> float:
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: expected a number, got {value!r}") from None
+    if margin != margin or margin in (float("inf"), float("-inf")):
+        raise DataError(f"{where}: expected a finite number, got {value!r}")
+    return margin
 
 
 def _label(value, where: str) -> bool:

@@ -41,6 +41,13 @@ class BatchSampler:
         start = self.rank * self.micro_batch_size
         return chunk[start : start + self.micro_batch_size]
 
+    def upcoming(self, n_micro_batches: int) -> list[int]:
+        """The distinct rows this rank's next ``n_micro_batches`` will hold, without moving on."""
+        state, order = self.state_dict(), self._order
+        rows = {i for _ in range(n_micro_batches) for i in self.next()}
+        self.epoch, self.cursor, self._order = state["epoch"], state["cursor"], order
+        return sorted(rows)
+
     @property
     def progress_epochs(self) -> float:
         return self.epoch + self.cursor / self.n_rows

@@ -16,6 +16,7 @@ from polmctl.data import load_rows
 from polmctl.evals.arithmetic import exact_match
 from polmctl.evals.perplexity import perplexity
 from polmctl.evals.preference import preference_accuracy
+from polmctl.evals.reward import reward_accuracy
 
 # task name -> (default held-out source, runner)
 EVAL_TASKS = {
@@ -24,7 +25,10 @@ EVAL_TASKS = {
     "perplexity": ("builtin:domain_text", lambda m, t, rows, cfg: perplexity(m, t, rows, batch_size=cfg.batch_size)),
     "preference": ("builtin:arithmetic_preference", lambda m, t, rows, cfg: preference_accuracy(
         m, t, rows, batch_size=cfg.batch_size)),
+    "reward": ("builtin:style_preference", lambda m, t, rows, cfg: reward_accuracy(
+        m, t, rows, batch_size=cfg.batch_size)),
 }
+REWARD_MODEL_TASKS = ("reward",)  # the tasks a reward model (a score head, no LM head) can run
 
 
 def eval_rows(task: str, cfg: EvalConfig, data: DataConfig) -> list[dict]:
@@ -38,6 +42,16 @@ def eval_rows(task: str, cfg: EvalConfig, data: DataConfig) -> list[dict]:
 
 def run_evals(model, tokenizer, cfg: EvalConfig, data: DataConfig, out_dir: Path | None = None,
               tag: str = "") -> dict[str, dict[str, Any]]:
+    from polmctl.config.schema import ConfigError
+    from polmctl.models import is_reward_model
+
+    reward_model = is_reward_model(model)
+    for i, task in enumerate(cfg.tasks):
+        if reward_model != (task in REWARD_MODEL_TASKS):
+            fix = ("eval.tasks=[reward]" if reward_model else
+                   "eval.tasks=[arithmetic], [perplexity] or [preference]")
+            raise ConfigError(f"eval.tasks[{i}]", f"{task!r} cannot evaluate a {'reward model' if reward_model else 'language model'}; "
+                              f"use {fix}")
     results = {}
     for task in cfg.tasks:
         result = EVAL_TASKS[task][1](model, tokenizer, eval_rows(task, cfg, data), cfg)

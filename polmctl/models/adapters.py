@@ -27,22 +27,26 @@ def peft_config(cfg: PeftConfig, tokenizer=None, model=None):
     """The peft config object for ``cfg.method`` (not ``none``)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
+    from polmctl.models.load import is_reward_model
+
+    # SEQ_CLS makes peft keep the reward model's fresh score head trainable (modules_to_save).
+    task = TaskType.SEQ_CLS if model is not None and is_reward_model(model) else TaskType.CAUSAL_LM
     if cfg.method in ("lora", "dora"):
         targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        return LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=targets, use_dora=cfg.method == "dora", use_rslora=cfg.use_rslora)
     if cfg.method == "prompt_tuning":
         if not cfg.prompt_init_text:
-            return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+            return PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
         # peft tokenizes the init text itself, loading the tokenizer from this name or dir.
         source = getattr(tokenizer, "name_or_path", None) or getattr(model, "name_or_path", None)
         if not source:
             raise ModelError("peft.prompt_init_text needs the model's tokenizer: pass it to apply_peft")
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
                                   tokenizer_name_or_path=source)
     if cfg.method == "prefix_tuning":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     raise ModelError(f"peft.method={cfg.method!r} is not an adapter; use one of {', '.join(METHODS)}")
 
 

@@ -167,17 +167,49 @@ def _enable_checkpointing(model) -> None:
     model.enable_input_require_grads()
 
 
-def load_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", for_training: bool = True):
+HEADS = ("causal_lm", "reward")
+
+
+def model_head(path: str) -> str:
+    """``reward`` if the model dir (or adapter dir) at ``path`` holds a sequence-classification
+    model (a reward model), else ``causal_lm``; hub ids count as causal LMs."""
+    def read(name: str) -> dict:  # a malformed file is reported by the loader, with its name
+        try:
+            return json.loads((Path(path) / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    architectures = read("config.json").get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "reward"
+    return "reward" if read("adapter_config.json").get("task_type") == "SEQ_CLS" else "causal_lm"
+
+
+def is_reward_model(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForSequenceClassification")
+
+
+def load_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", for_training: bool = True,
+               head: str | None = None, pad_token_id: int | None = None):
     """A causal LM on ``device``, in train mode if ``for_training`` else in eval mode with no grads.
+
+    ``head="reward"`` loads a sequence-classification model with one scalar output (a reward
+    model; from a causal LM its score head starts untrained) and sets its ``pad_token_id``,
+    which its pooling uses to find each row's last token. ``None`` takes the head the
+    model dir was saved with.
 
     A dir holding a peft adapter loads the base model it names and attaches the adapter
     (trainable if ``for_training``). A quantized base that is trained goes through
     ``peft.prepare_model_for_kbit_training``.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = _check_device(torch.device(device))
     path = resolve_model_path(cfg.name_or_path, cfg.cache_dir)
+    head = head or model_head(path)
+    if head not in HEADS:
+        raise ModelError(f"unknown model head {head!r}; use one of {', '.join(HEADS)}")
     base_path = _adapter_base(path, cfg.cache_dir)
     dtype = resolve_dtype(cfg.dtype, device)
     quant = quantization_config(cfg, device)
@@ -187,7 +219,12 @@ def load_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", for_trai
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
     try:
-        model = _call(AutoModelForCausalLM.from_pretrained, base_path or path, "model", **kwargs)
+        if head == "reward":
+            kwargs["num_labels"] = 1
+            if pad_token_id is not None:
+                kwargs["pad_token_id"] = pad_token_id
+        auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+        model = _call(auto.from_pretrained, base_path or path, "model", **kwargs)
     except ImportError as err:  # e.g. attn_implementation=flash_attention_2 without flash-attn
         raise ModelError(f"cannot load {cfg.name_or_path}: {_first_line(err)}") from None
     if quant is None:

@@ -199,8 +199,9 @@ class PairwiseObjective:
 
 
 def with_reference(batch: dict, examples: list[dict]) -> dict:
-    """Add the examples' precomputed reference log-probs ([B, 2]: first half, second half)."""
-    if "ref_logps" in examples[0]:
+    """Add the examples' precomputed reference log-probs ([B, 2]: first half, second half);
+    without them for every example the objective runs the reference on this batch."""
+    if all("ref_logps" in e for e in examples):
         batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
     return batch
 

@@ -2,8 +2,9 @@
 
     polmctl run recipe=dpo | ipo | simpo | cpo | orpo      (the caller: objectives/pairwise.py)
 
-``kto_loss`` and ``bradley_terry_loss`` have no recipe yet. Every function takes 1-D
-tensors of shape [B] (summed or length-averaged log-probs, as each says) and returns
+``kto_loss`` serves recipe=kto (objectives/unpaired.py) and ``bradley_terry_loss``
+recipe=reward_model (objectives/reward.py). Every function takes 1-D tensors of shape [B]
+(summed or length-averaged log-probs, or scores, as each says) and returns
 ``(losses [B], metrics {name: [B]})``: the caller sums both, and the engine normalises
 over the whole optimizer step. Nothing here calls a model.
 

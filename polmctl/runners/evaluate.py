@@ -22,7 +22,7 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, device=_device(cfg), for_training=False)
+    model = load_model(cfg.model, device=_device(cfg), for_training=False, pad_token_id=tokenizer.pad_token_id)
     with console.status(f"evaluating {cfg.model.name_or_path}: {', '.join(cfg.eval.tasks)}"):
         results = run_evals(model, tokenizer, cfg.eval, cfg.data, run_dir / "eval")
     summary = {"model": cfg.model.name_or_path, "run_dir": str(run_dir), "status": "completed",

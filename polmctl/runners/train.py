@@ -45,21 +45,26 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     examples, stats = objective.encode(rows, tokenizer, cfg.data)
     console.print(f"[bold]data[/] {cfg.data.source}: {stats.summary()}")
 
-    model = apply_peft(load_model(cfg.model, device=acc.device, for_training=True), cfg.peft, tokenizer)
+    head = getattr(objective, "model_head", "causal_lm")  # reward_model: a scalar score head
+    model = load_model(cfg.model, device=acc.device, for_training=True, head=head, pad_token_id=tokenizer.pad_token_id)
+    model = apply_peft(model, cfg.peft, tokenizer)
     trainable, total = trainable_parameter_summary(model)
     console.print(f"[bold]model[/] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
                   f"({100 * trainable / total:.2f}%), peft={cfg.peft.method}")
 
     before = _evaluate(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None) if cfg.eval.before else None
-    if hasattr(objective, "prepare"):
-        with console.status("scoring the training data with the reference model"):
-            note = objective.prepare(model, examples, device=acc.device, cache_dir=cache_root(cfg.model.cache_dir) / "ref_logps",
-                                     model_id=repr((cfg.model.name_or_path, cfg.model.dtype, cfg.model.quantization,
-                                                    cfg.model.revision)))
-        console.print(f"[bold]reference[/] {note}")
     trainer = Trainer(cfg=cfg.trainer, model=model, objective=objective, examples=examples,
                       collate=objective.collate, run_dir=run_dir, accelerator=acc, seed=cfg.seed,
                       shuffle=cfg.data.shuffle, progress=cfg.logger.progress, tokenizer=tokenizer)
+    if hasattr(objective, "prepare"):
+        # Only the rows the run will visit: 60 steps over 2000 pairs need a quarter of them.
+        used = trainer.sampler.upcoming(cfg.trainer.max_steps * cfg.trainer.grad_accum)
+        with console.status(f"scoring {len(used)} training rows with the reference model"):
+            note = objective.prepare(model, [examples[i] for i in used], device=acc.device,
+                                     cache_dir=cache_root(cfg.model.cache_dir) / "ref_logps",
+                                     model_id=repr((cfg.model.name_or_path, cfg.model.dtype, cfg.model.quantization,
+                                                    cfg.model.revision)))
+        console.print(note)
     if cfg.logger.trackers:
         acc.init_trackers(cfg.logger.project, config=_flat(asdict(cfg)))
     fit = trainer.fit(resume)

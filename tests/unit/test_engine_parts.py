@@ -117,3 +117,14 @@ def test_resume_from_a_mismatched_model_is_a_clear_error(tmp_path):
     other = torch.nn.Linear(3, 4)
     with pytest.raises(ValueError, match="same model and peft config"):
         load_checkpoint(tmp_path / "step-1", other)
+
+
+def test_upcoming_rows_are_the_rows_the_next_batches_take_and_do_not_move_the_sampler():
+    from polmctl.engine.batches import BatchSampler
+
+    sampler = BatchSampler(10, 3, seed=1)
+    sampler.next()
+    upcoming = sampler.upcoming(4)  # crosses into the second epoch
+    state = sampler.state_dict()
+    taken = {i for _ in range(4) for i in sampler.next()}
+    assert upcoming == sorted(taken) and state == {"epoch": 0, "cursor": 3}
