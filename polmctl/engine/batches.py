@@ -58,3 +58,27 @@ class BatchSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._epoch_order()
+
+
+class OfflineBatches:
+    """A fixed, encoded dataset served in seeded epochs: each step, ``grad_accum`` collated
+    micro-batches. Online methods give the trainer another source with the same methods
+    (see polmctl/rollout/online.py), which makes its batches by sampling the model."""
+
+    def __init__(self, examples, collate, micro_batch_size: int, grad_accum: int, **sampler_options):
+        self.examples, self.collate, self.grad_accum = examples, collate, grad_accum
+        self.sampler = BatchSampler(len(examples), micro_batch_size, **sampler_options)
+
+    def next_step(self, model) -> tuple[list[dict], dict[str, float]]:
+        """The step's micro-batches and any metrics their making produced (none here)."""
+        return [self.collate([self.examples[i] for i in self.sampler.next()]) for _ in range(self.grad_accum)], {}
+
+    @property
+    def progress_epochs(self) -> float:
+        return self.sampler.progress_epochs
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from polmctl.config.schema import TrainerConfig
-from polmctl.engine.batches import BatchSampler
+from polmctl.engine.batches import OfflineBatches
 from polmctl.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from polmctl.engine.errors import TrainingError
 from polmctl.engine.metrics import MetricsLog
@@ -47,29 +47,33 @@ class FitResult:
 
 class Trainer:
     def __init__(self, *, cfg: TrainerConfig, model: torch.nn.Module, objective: Objective,
-                 examples: Sequence[dict], collate: Callable[[list[dict]], dict], run_dir: Path,
-                 accelerator: Accelerator, seed: int, shuffle: bool = True, progress: bool = True, tokenizer=None):
-        self.cfg, self.objective, self.examples, self.collate = cfg, objective, examples, collate
+                 examples: Sequence[dict] = (), collate: Callable[[list[dict]], dict] | None = None, run_dir: Path,
+                 accelerator: Accelerator, seed: int, shuffle: bool = True, progress: bool = True, tokenizer=None,
+                 batches=None):
+        """``examples`` + ``collate`` for offline objectives, or ``batches``: any source with
+        ``next_step(model)``, ``progress_epochs`` and state_dict/load_state_dict (online RL)."""
+        self.cfg, self.objective = cfg, objective
         self.tokenizer = tokenizer
         self.run_dir, self.acc, self.progress = run_dir, accelerator, progress
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         # The scheduler is stepped by hand once per optimizer step, so it is not prepared.
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
-        self.sampler = BatchSampler(len(examples), cfg.micro_batch_size, seed=seed, shuffle=shuffle,
-                                    rank=accelerator.process_index, world_size=accelerator.num_processes)
+        self.batches = batches or OfflineBatches(examples, collate, cfg.micro_batch_size, cfg.grad_accum, seed=seed,
+                                                 shuffle=shuffle, rank=accelerator.process_index,
+                                                 world_size=accelerator.num_processes)
         self.step = 0
 
     # -- state ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict()}
+                "sampler": self.batches.state_dict()}
 
     def resume_from(self, path: Path) -> None:
         state = load_checkpoint(path, self.acc.unwrap_model(self.model))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.batches.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
 
@@ -80,11 +84,9 @@ class Trainer:
                                self._state(), self.cfg.keep_last, tokenizer=self.tokenizer)
 
     # -- one optimizer step -----------------------------------------------------------------
-    def _micro_batches(self) -> list[dict]:
-        return [self.collate([self.examples[i] for i in self.sampler.next()]) for _ in range(self.cfg.grad_accum)]
 
     def _train_step(self) -> dict[str, float]:
-        batches = self._micro_batches()
+        batches, source_metrics = self.batches.next_step(self.acc.unwrap_model(self.model))
         weight = torch.tensor(float(sum(self.objective.weight(b) for b in batches)), device=self.acc.device)
         # DDP averages gradients over processes, so scale by world size to get a global mean.
         weight = self.acc.reduce(weight, reduction="sum") / self.acc.num_processes
@@ -123,7 +125,7 @@ class Trainer:
         # A subset metric whose subset was empty this step (count 0) is left out, not logged as NaN.
         means = {name: total / metric_counts.get(name, weight.item())
                  for name, total in metric_sums.items() if metric_counts.get(name, 1)}
-        return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, **means}
+        return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, **means, **source_metrics}
 
     def _last_checkpoint(self) -> str:
         found = list_checkpoints(self.run_dir / "checkpoints")
@@ -143,7 +145,7 @@ class Trainer:
                     metrics = self._train_step()
                     elapsed = time.perf_counter() - t0
                     total_tokens += metrics["tokens"]
-                    metrics.update(step=self.step, epoch=round(self.sampler.progress_epochs, 4),
+                    metrics.update(step=self.step, epoch=round(self.batches.progress_epochs, 4),
                                    step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed)
                     first_loss = metrics["loss"] if math.isnan(first_loss) else first_loss
                     last_loss = metrics["loss"]

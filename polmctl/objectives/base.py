@@ -58,3 +58,17 @@ def logits_window(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
         return 1, labels[:, -1:]
     start = max(int(trained[0]) - 1, 0)
     return labels.size(1) - start, labels[:, start:]
+
+
+def token_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each labelled token ([B, T]: the window from the batch's first labelled
+    position on) and the mask of labelled tokens. Gathered with a logsumexp, never a full
+    log-softmax; the same batch always gives the same window, so precomputed old or
+    reference log-probs line up with these."""
+    keep, labels = logits_window(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask

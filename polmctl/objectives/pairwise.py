@@ -29,7 +29,7 @@ import torch
 from polmctl.config.schema import ConfigError, one_of, positive
 from polmctl.data.preference import encode_preference_dataset, preference_collate
 from polmctl.objectives import preference as losses
-from polmctl.objectives.base import IGNORE_INDEX, LossTerms, logits_window
+from polmctl.objectives.base import LossTerms, token_logps
 
 
 def _help(default: Any, text: str) -> Any:
@@ -82,14 +82,8 @@ class ORPOMethod:
 
 def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each row's labelled tokens, and how many there are."""
-    keep, labels = logits_window(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = picked - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    logps, mask = token_logps(model, batch)
+    return (logps * mask).sum(-1), mask.sum(-1)
 
 
 class PairwiseObjective:

@@ -53,12 +53,15 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
                   f"({100 * trainable / total:.2f}%), peft={cfg.peft.method}")
 
     before = _evaluate(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None) if cfg.eval.before else None
+    # Online objectives (GRPO, ...) make their batches by sampling the policy as it trains.
+    online = hasattr(objective, "make_batches")
+    batches = objective.make_batches(examples, model=model, tokenizer=tokenizer, cfg=cfg, accelerator=acc) if online else None
     trainer = Trainer(cfg=cfg.trainer, model=model, objective=objective, examples=examples,
-                      collate=objective.collate, run_dir=run_dir, accelerator=acc, seed=cfg.seed,
-                      shuffle=cfg.data.shuffle, progress=cfg.logger.progress, tokenizer=tokenizer)
+                      collate=getattr(objective, "collate", None), run_dir=run_dir, accelerator=acc, seed=cfg.seed,
+                      shuffle=cfg.data.shuffle, progress=cfg.logger.progress, tokenizer=tokenizer, batches=batches)
     if hasattr(objective, "prepare"):
         # Only the rows the run will visit: 60 steps over 2000 pairs need a quarter of them.
-        used = trainer.sampler.upcoming(cfg.trainer.max_steps * cfg.trainer.grad_accum)
+        used = trainer.batches.sampler.upcoming(cfg.trainer.max_steps * cfg.trainer.grad_accum)
         with console.status(f"scoring {len(used)} training rows with the reference model"):
             note = objective.prepare(model, [examples[i] for i in used], device=acc.device,
                                      cache_dir=cache_root(cfg.model.cache_dir) / "ref_logps",

@@ -1,0 +1,60 @@
+"""Online RL recipes end to end on model=tiny, with a reward the tiny model can learn (the
+share of the letter "a" in its answer): weights change and the mean reward rises."""
+
+from __future__ import annotations
+
+import pytest
+
+from polmctl.engine.metrics import read_metrics
+
+pytestmark = pytest.mark.recipes
+
+
+def letter_a(prompts, completions, **_):
+    """A reward the random tiny model can climb: the share of 'a' in the completion."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+REWARD = f"method.rewards=[{{_target_: {__name__}.letter_a}}]"
+SHORT = [REWARD, "method.max_new_tokens=16", "trainer.max_steps=15", "trainer.lr=3e-3", "trainer.scheduler=constant",
+         "trainer.micro_batch_size=16", "trainer.grad_accum=1"]
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("grpo", []),
+    ("rloo", []),
+    ("grpo", ["method.loss_type=dapo", "method.epsilon_high=0.28", "method.dynamic_sampling=true"]),
+    ("grpo", ["method.num_iterations=2", "method.beta=0.04"]),
+], ids=["grpo", "rloo", "dapo", "grpo-2-iterations-kl"])
+def test_online_recipe_raises_the_reward(train_recipe, recipe, extra):
+    run = train_recipe(recipe, *SHORT, *extra)
+    assert run.unchanged_parameters() == []
+    lines = read_metrics(run.dir / "metrics.jsonl")
+    rewards = [l["reward"] for l in lines]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.02, rewards
+    for key in ("reward_std", "frac_reward_zero_std", "completion_length", "rollout_time_s", "rewards/letter_a",
+                "clip_ratio/region"):
+        assert key in lines[0]
+    if "method.beta=0.04" in extra:
+        assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6) and lines[-1]["kl"] > 0
+        # iteration 2 of each rollout is off-policy: the ratio moved away from 1
+        assert any(l["ratio"] != pytest.approx(1.0, abs=1e-6) for l in lines[1::2])
+
+
+def test_a_broken_reward_stops_the_run_naming_it(train_recipe):
+    from polmctl.rollout.rewards import RewardError
+
+    with pytest.raises(RewardError, match="reward 'short' on batch 0 returned 1 values for 8 completions"):
+        train_recipe("grpo", f"method.rewards=[{{_target_: {__name__}.short, name: short}}]", "trainer.max_steps=1",
+                     "trainer.micro_batch_size=8", "trainer.grad_accum=1", "method.max_new_tokens=4")
+
+
+def short(prompts, completions, **_):
+    return [1.0]
+
+
+def test_steps_must_hold_whole_groups(train_recipe):
+    from polmctl.engine.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="not a multiple of method.num_generations=4"):
+        train_recipe("grpo", "trainer.micro_batch_size=6", "trainer.grad_accum=1")
