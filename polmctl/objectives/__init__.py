@@ -11,17 +11,19 @@ from typing import Any, Callable
 from polmctl.objectives.base import LossTerms, Objective
 from polmctl.objectives.online import GRPOMethod, GRPOObjective
 from polmctl.objectives.pairwise import CPOMethod, DPOMethod, ORPOMethod, PairwiseObjective, SimPOMethod
+from polmctl.objectives.rejection import RejectionSamplingMethod, RejectionSamplingObjective
 from polmctl.objectives.reward import RewardMethod, RewardObjective
 from polmctl.objectives.sft import SFTMethod, SFTObjective
 from polmctl.objectives.unpaired import KTOMethod, KTOObjective
 
 METHOD_SCHEMAS: dict[str, type] = {"sft": SFTMethod, "dpo": DPOMethod, "simpo": SimPOMethod, "cpo": CPOMethod,
                                    "orpo": ORPOMethod, "kto": KTOMethod, "reward_model": RewardMethod,
-                                   "grpo": GRPOMethod}
+                                   "grpo": GRPOMethod, "rejection_sampling": RejectionSamplingMethod}
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"sft": SFTObjective, "dpo": PairwiseObjective,
                                                     "simpo": PairwiseObjective, "cpo": PairwiseObjective,
                                                     "orpo": PairwiseObjective, "kto": KTOObjective,
-                                                    "reward_model": RewardObjective, "grpo": GRPOObjective}
+                                                    "reward_model": RewardObjective, "grpo": GRPOObjective,
+                                                    "rejection_sampling": RejectionSamplingObjective}
 
 __all__ = ["LossTerms", "Objective", "METHOD_SCHEMAS", "OBJECTIVES", "build_objective"]
 

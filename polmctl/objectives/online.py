@@ -82,13 +82,7 @@ class GRPOObjective:
         self.method = method
 
     def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
-        """Online methods train on prompts: keep the rows (the prompt and the columns the
-        rewards read); the rollout renders and tokenizes them."""
-        for i, row in enumerate(rows):
-            if "prompt" not in row and "messages" not in row:
-                raise DataError(f"{data.source}: row {i} has no 'prompt' (or 'messages') column; "
-                                f"online RL samples completions for prompts")
-        return list(rows), PromptStats(len(rows))
+        return prompt_rows(rows, data.source)
 
     def weight(self, batch: dict) -> int:
         return pg.policy_loss_weight(batch["labels"][:, 1:] != -100, self.method.loss_type)
@@ -111,6 +105,16 @@ class GRPOObjective:
 
         return RolloutBatches(rows, method=self.method, tokenizer=tokenizer, trainer_cfg=cfg.trainer, seed=cfg.seed,
                               shuffle=cfg.data.shuffle, accelerator=accelerator)
+
+
+def prompt_rows(rows: list[dict], source: str) -> tuple[list[dict], "PromptStats"]:
+    """Online methods train on prompts: keep the rows (the prompt and the columns the
+    rewards read); the rollout renders and tokenizes them."""
+    for i, row in enumerate(rows):
+        if "prompt" not in row and "messages" not in row:
+            raise DataError(f"{source}: row {i} has no 'prompt' (or 'messages') column; online methods sample "
+                            "answers for prompts")
+    return list(rows), PromptStats(len(rows))
 
 
 @dataclass

@@ -102,14 +102,8 @@ class RolloutBatches:
         return batches, metrics
 
     def _sample_and_score(self, model, rows: list[dict]) -> tuple[list[list[int]], torch.Tensor, dict]:
-        m, G = self.method, self.method.num_generations
-        prompts = [format_prompt(prompt_of(r), self.tokenizer) for r in rows for _ in range(G)]
-        ids = generate(model, self.tokenizer, prompts, max_new_tokens=m.max_new_tokens, batch_size=len(prompts),
-                       do_sample=True, temperature=m.temperature, top_p=m.top_p, decode=False)
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        expanded = [r for r in rows for _ in range(G)]
-        columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k not in ("prompt", "messages", "completion")}
-        total, parts = self.reward([prompt_of(r) for r in expanded], texts, columns, batch_index=self.rollouts)
+        ids, _, total, parts = sample_and_score(model, self.tokenizer, self.reward, rows, self.method.num_generations,
+                                                self.method, batch_index=self.rollouts)
         return ids, total, parts
 
     def _micro_batches(self, rows, completion_ids, advantages) -> list[dict]:
@@ -153,3 +147,18 @@ class RolloutBatches:
         if self.reference is None:  # full fine-tuning: freeze the starting weights on first use
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         return token_logps(self.reference, batch)[0]
+
+
+def sample_and_score(model, tokenizer, reward: CombinedReward, rows: list[dict], samples_per_prompt: int, method, *,
+                     batch_index: int) -> tuple[list[list[int]], list[str], torch.Tensor, dict]:
+    """``samples_per_prompt`` sampled completions of each row's prompt, in one generation batch
+    (grouped: a row's samples are consecutive): their token ids, texts, total reward, and
+    each reward function's values. The rewards see the rows' other columns (e.g. answer)."""
+    expanded = [r for r in rows for _ in range(samples_per_prompt)]
+    prompts = [format_prompt(prompt_of(r), tokenizer) for r in expanded]
+    ids = generate(model, tokenizer, prompts, max_new_tokens=method.max_new_tokens, batch_size=len(prompts),
+                   do_sample=True, temperature=method.temperature, top_p=method.top_p, decode=False)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k not in ("prompt", "messages", "completion")}
+    total, parts = reward([prompt_of(r) for r in expanded], texts, columns, batch_index=batch_index)
+    return ids, texts, total, parts

@@ -58,3 +58,23 @@ def test_steps_must_hold_whole_groups(train_recipe):
 
     with pytest.raises(TrainingError, match="not a multiple of method.num_generations=4"):
         train_recipe("grpo", "trainer.micro_batch_size=6", "trainer.grad_accum=1")
+
+
+def test_rejection_sampling_fine_tunes_on_accepted_answers(train_recipe):
+    run = train_recipe("rejection_sampling", REWARD, "method.threshold=0.01", "method.num_samples=4",
+                       "method.prompts_per_round=8", "method.steps_per_round=3", "method.max_new_tokens=16",
+                       "trainer.max_steps=9", "trainer.lr=3e-3", "trainer.micro_batch_size=4")
+    assert run.unchanged_parameters() == []
+    lines = read_metrics(run.dir / "metrics.jsonl")
+    rounds = [l for l in lines if "round" in l]
+    assert [l["step"] for l in rounds] == [1, 4, 7]  # a round every steps_per_round steps
+    assert all(l["accepted_examples"] >= 1 and 0 < l["acceptance_rate"] <= 1 for l in rounds)
+    assert rounds[-1]["reward"] > rounds[0]["reward"], rounds
+
+
+def test_rejection_sampling_that_accepts_nothing_stops_clearly(train_recipe):
+    from polmctl.engine.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="3 rounds in a row accepted no answer"):
+        train_recipe("rejection_sampling", REWARD, "method.threshold=2.0", "method.prompts_per_round=4",
+                     "method.max_new_tokens=4", "trainer.max_steps=2")

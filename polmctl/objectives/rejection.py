@@ -1,0 +1,66 @@
+"""Rejection-sampling fine-tuning (RFT, STaR-style): sample k answers per prompt with the
+current model, keep the ones the reward accepts, and fine-tune on them with the SFT loss;
+round after round, each round sampling with the model the last one trained.
+
+    polmctl run recipe=rejection_sampling
+    polmctl run recipe=rejection_sampling method.num_samples=8 method.steps_per_round=10 trainer.max_steps=40
+
+Features and the flag that controls each:
+  answers sampled per prompt        method.num_samples
+  what counts as accepted           method.rewards (weighted sum) >= method.threshold
+  kept per prompt                   method.max_per_prompt (distinct answers, best first)
+  round size                        method.prompts_per_round, method.steps_per_round (rounds = max_steps / steps_per_round)
+  sampling                          method.temperature, method.top_p, method.max_new_tokens
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List
+
+from polmctl.config.schema import ConfigError, positive
+from polmctl.objectives.online import prompt_rows
+from polmctl.objectives.pairwise import _help
+from polmctl.objectives.sft import SFTMethod, SFTObjective
+
+
+@dataclass
+class RejectionSamplingMethod:
+    objective: str = _help("rejection_sampling", "rejection_sampling: SFT on the model's own accepted samples")
+    rewards: List[Any] = field(default_factory=lambda: ["math_answer"], metadata={
+        "help": "reward functions (as for grpo); their weighted sum decides acceptance"})
+    threshold: float = _help(1.0, "a sample is accepted when its reward is at least this")
+    num_samples: int = _help(4, "answers sampled per prompt")
+    max_per_prompt: int = _help(1, "accepted answers kept per prompt (distinct, highest reward first)")
+    prompts_per_round: int = _help(64, "prompts sampled in each round")
+    steps_per_round: int = _help(10, "optimizer steps on each round's accepted answers")
+    max_empty_rounds: int = _help(3, "rounds in a row with nothing accepted before the run stops")
+    temperature: float = _help(1.0, "sampling temperature")
+    top_p: float = _help(1.0, "nucleus sampling")
+    max_new_tokens: int = _help(64, "answer budget of each sample")
+
+    def check(self, section: str) -> None:
+        for name in ("num_samples", "max_per_prompt", "prompts_per_round", "steps_per_round", "max_empty_rounds",
+                     "max_new_tokens", "temperature"):
+            positive(section, name, getattr(self, name))
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{section}.top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not self.rewards:
+            raise ConfigError(f"{section}.rewards", "needs at least one reward function, e.g. [math_answer]")
+
+
+class RejectionSamplingObjective(SFTObjective):
+    """The SFT loss; the batches come from sampling rounds (rollout/rejection.py)."""
+
+    def __init__(self, method: RejectionSamplingMethod):
+        super().__init__(SFTMethod())
+        self.method = method
+
+    def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
+        self.pad_token_id = tokenizer.pad_token_id
+        return prompt_rows(rows, data.source)
+
+    def make_batches(self, rows: list[dict], *, model, tokenizer, cfg, accelerator):
+        from polmctl.rollout.rejection import RejectionSamplingBatches
+
+        return RejectionSamplingBatches(rows, objective=self, tokenizer=tokenizer, cfg=cfg, accelerator=accelerator)
