@@ -16,7 +16,7 @@ def letter_a(prompts, completions, **_):
 
 
 REWARD = f"method.rewards=[{{_target_: {__name__}.letter_a}}]"
-SHORT = [REWARD, "method.max_new_tokens=16", "trainer.max_steps=15", "trainer.lr=3e-3", "trainer.scheduler=constant",
+SHORT = [REWARD, "method.num_generations=4", "method.max_new_tokens=16", "trainer.max_steps=15", "trainer.lr=3e-3", "trainer.scheduler=constant",
          "trainer.micro_batch_size=16", "trainer.grad_accum=1"]
 
 
@@ -57,7 +57,7 @@ def test_steps_must_hold_whole_groups(train_recipe):
     from polmctl.engine.errors import TrainingError
 
     with pytest.raises(TrainingError, match="not a multiple of method.num_generations=4"):
-        train_recipe("grpo", "trainer.micro_batch_size=6", "trainer.grad_accum=1")
+        train_recipe("grpo", "method.num_generations=4", "trainer.micro_batch_size=6", "trainer.grad_accum=1")
 
 
 def test_rejection_sampling_fine_tunes_on_accepted_answers(train_recipe):

@@ -25,6 +25,8 @@ def normalise_number(number: str) -> str | None:
         value = Decimal(number.replace(",", ""))
     except InvalidOperation:
         return None
+    if not value.is_finite():  # "Infinity" and "NaN" parse as Decimals but are no answer
+        return None
     if value == value.to_integral_value():
         return str(int(value))
     return format(value.normalize(), "f")
