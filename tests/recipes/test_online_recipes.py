@@ -78,3 +78,15 @@ def test_rejection_sampling_that_accepts_nothing_stops_clearly(train_recipe):
     with pytest.raises(TrainingError, match="3 rounds in a row accepted no answer"):
         train_recipe("rejection_sampling", REWARD, "method.threshold=2.0", "method.prompts_per_round=4",
                      "method.max_new_tokens=4", "trainer.max_steps=2")
+
+
+def test_grpo_with_a_reward_model_checkpoint(train_recipe, tmp_path):
+    """The instructgpt-style chain: a reward_model run's final/ scores GRPO's rollouts."""
+    rm = train_recipe("reward_model", "trainer.max_steps=2", "trainer.micro_batch_size=4", "trainer.grad_accum=1",
+                      run_dir=tmp_path / "rm")
+    run = train_recipe("grpo", f"method.rewards=[{{name: reward_model, path: {rm.dir}}}]", "method.num_generations=4",
+                       "method.max_new_tokens=8", "trainer.max_steps=2", "trainer.micro_batch_size=8",
+                       "trainer.grad_accum=1", run_dir=tmp_path / "grpo")
+    lines = read_metrics(run.dir / "metrics.jsonl")
+    assert len(lines) == 2 and all(l["reward_std"] > 0 for l in lines)  # real, varying scores
+    assert lines[0]["rewards/reward_model"] == pytest.approx(lines[0]["reward"])
