@@ -53,10 +53,23 @@ def _answer_ids(prompt, answer, tokenizer, room: int, where: str) -> tuple[list[
     return ids[:room], len(ids) > room
 
 
+ROW_SHAPES = {"preference": "paired rows {prompt, chosen, rejected}", "unpaired": "unpaired rows {prompt, completion, label}"}
+
+
+def encode_preference_rows(rows: list[dict], tokenizer, data, *, recipe: str,
+                           fmt: str = "preference") -> tuple[list[dict], PreferenceStats]:
+    """``encode_preference_dataset`` with the ``data`` config's limits, for a training
+    recipe that takes only ``fmt`` rows (paired ``preference`` or ``unpaired``)."""
+    return encode_preference_dataset(rows, tokenizer, source=data.source, max_length=data.max_length,
+                                     overlong=data.overlong, bad_rows=data.bad_rows, require=(recipe, fmt))
+
+
 def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_length: int = 512,
-                              overlong: str = "truncate", bad_rows: str = "skip") -> tuple[list[dict], PreferenceStats]:
+                              overlong: str = "truncate", bad_rows: str = "skip",
+                              require: tuple[str, str] | None = None) -> tuple[list[dict], PreferenceStats]:
     """Encoded rows: {"prompt_ids", "chosen_ids", "rejected_ids"} (paired, plus "margin" where
-    the row has one) or {"prompt_ids", "completion_ids", "label"} (unpaired), ids without padding."""
+    the row has one) or {"prompt_ids", "completion_ids", "label"} (unpaired), ids without padding.
+    ``require=(recipe, fmt)`` refuses rows of the other format, naming the recipe."""
     if not rows:
         raise DataError(f"{source}: no rows to encode")
     fmt = detect_format(rows[0], source)
@@ -64,6 +77,10 @@ def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_l
     if answers is None:
         raise DataError(f"{source}: rows have the {fmt!r} format; a preference recipe needs "
                         "{prompt, chosen, rejected} or {prompt, completion, label} rows")
+    if require and fmt != require[1]:  # (recipe, the one format it takes)
+        other = "recipe=kto" if fmt == "unpaired" else "recipe=dpo (or another pairwise recipe)"
+        raise DataError(f"{source}: {require[0]} needs {ROW_SHAPES[require[1]]}, not {ROW_SHAPES[fmt]}; "
+                        f"those train with {other}")
     stats, examples = PreferenceStats(rows=len(rows)), []
     for i, row in enumerate(rows):
         where = f"{source}: row {i}"

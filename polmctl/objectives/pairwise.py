@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from polmctl.config.schema import ConfigError, one_of, positive
-from polmctl.data.preference import encode_preference_dataset, preference_collate
+from polmctl.data.preference import encode_preference_rows, preference_collate
 from polmctl.objectives import preference as losses
 from polmctl.objectives.base import LossTerms, token_logps
 
@@ -99,8 +99,7 @@ class PairwiseObjective:
     # -- data ------------------------------------------------------------------------------
     def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
         self.pad_token_id = tokenizer.pad_token_id
-        return encode_preference_dataset(rows, tokenizer, source=data.source, max_length=data.max_length,
-                                         overlong=data.overlong, bad_rows=data.bad_rows)
+        return encode_preference_rows(rows, tokenizer, data, recipe=self.method.objective)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return with_reference(preference_collate(examples, self.pad_token_id), examples)

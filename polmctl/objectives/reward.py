@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from polmctl.config.schema import positive
-from polmctl.data.preference import encode_preference_dataset, preference_collate
+from polmctl.data.preference import encode_preference_rows, preference_collate
 from polmctl.objectives import preference as losses
 from polmctl.objectives.base import LossTerms
 from polmctl.objectives.pairwise import _help
@@ -58,11 +58,7 @@ class RewardObjective:
         from polmctl.data.errors import DataError
 
         self.pad_token_id = tokenizer.pad_token_id
-        examples, stats = encode_preference_dataset(rows, tokenizer, source=data.source, max_length=data.max_length,
-                                                    overlong=data.overlong, bad_rows=data.bad_rows)
-        if "chosen_ids" not in examples[0]:
-            raise DataError(f"{data.source}: reward_model needs paired rows {{prompt, chosen, rejected}}; "
-                            "unpaired {prompt, completion, label} rows train with recipe=kto")
+        examples, stats = encode_preference_rows(rows, tokenizer, data, recipe="reward_model")
         with_margin = sum("margin" in e for e in examples)
         if 0 < with_margin < len(examples):
             first = next(i for i, e in enumerate(examples) if "margin" not in e)

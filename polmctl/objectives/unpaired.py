@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from polmctl.config.schema import positive
-from polmctl.data.errors import DataError
-from polmctl.data.preference import IGNORE_INDEX, encode_preference_dataset, pad_sequences
+from polmctl.data.preference import IGNORE_INDEX, encode_preference_rows, pad_sequences
 from polmctl.objectives import preference as losses
 from polmctl.objectives.base import LossTerms
 from polmctl.objectives.pairwise import PairwiseObjective, _help, sequence_logps, with_reference
@@ -45,11 +44,7 @@ class KTOObjective(PairwiseObjective):
 
     def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
         self.pad_token_id = tokenizer.pad_token_id
-        examples, stats = encode_preference_dataset(rows, tokenizer, source=data.source, max_length=data.max_length,
-                                                    overlong=data.overlong, bad_rows=data.bad_rows)
-        if "completion_ids" not in examples[0]:
-            raise DataError(f"{data.source}: kto needs unpaired rows {{prompt, completion, label}}, not "
-                            "{prompt, chosen, rejected}; use recipe=dpo for pairs")
+        examples, stats = encode_preference_rows(rows, tokenizer, data, recipe="kto", fmt="unpaired")
         for i, e in enumerate(examples):
             e["kl_completion_ids"] = examples[(i + 1) % len(examples)]["completion_ids"]
         return examples, stats

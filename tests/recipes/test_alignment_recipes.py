@@ -82,3 +82,10 @@ def test_kto_rejects_paired_rows(train_recipe):
 
     with pytest.raises(DataError, match="kto needs unpaired rows"):
         train_recipe("kto", "data=arithmetic_preference")
+
+
+def test_unpaired_rows_in_a_pairwise_recipe_fail_early(train_recipe):
+    from polmctl.data import DataError
+
+    with pytest.raises(DataError, match=r"dpo needs paired rows .*those train with recipe=kto"):
+        train_recipe("dpo", "data=arithmetic_feedback")
