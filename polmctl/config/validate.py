@@ -83,12 +83,6 @@ def validate(cfg: DictConfig) -> RunConfig:
 
 
 def _check_eval_fits_model(run: RunConfig, objective: str) -> None:
-    """A reward model (no LM head) runs only the reward task; a language model runs all others."""
-    from polmctl.evals import REWARD_MODEL_TASKS
+    from polmctl.evals import check_tasks_fit
 
-    reward_model = objective == "reward_model"
-    for i, task in enumerate(run.eval.tasks):
-        if reward_model != (task in REWARD_MODEL_TASKS):
-            fix = "eval.tasks=[reward]" if reward_model else "an LM task (arithmetic, perplexity, preference)"
-            raise ConfigError(f"eval.tasks[{i}]", f"{task!r} cannot evaluate what method.objective={objective} "
-                              f"trains; use {fix}")
+    check_tasks_fit(run.eval.tasks, objective == "reward_model", f"what method.objective={objective} trains")

@@ -31,6 +31,16 @@ EVAL_TASKS = {
 REWARD_MODEL_TASKS = ("reward",)  # the tasks a reward model (a score head, no LM head) can run
 
 
+def check_tasks_fit(tasks: list[str], reward_model: bool, what: str) -> None:
+    """A reward model (no LM head) runs only the reward tasks; a language model all the others."""
+    from polmctl.config.schema import ConfigError
+
+    for i, task in enumerate(tasks):
+        if reward_model != (task in REWARD_MODEL_TASKS):
+            fix = "eval.tasks=[reward]" if reward_model else "an LM task (arithmetic, perplexity, preference)"
+            raise ConfigError(f"eval.tasks[{i}]", f"{task!r} cannot evaluate {what}; use {fix}")
+
+
 def eval_rows(task: str, cfg: EvalConfig, data: DataConfig) -> list[dict]:
     """Held-out rows for ``task``; builtin generator options follow the training data's when
     the sources match, so evaluation asks the same kind of question training taught."""
@@ -42,16 +52,10 @@ def eval_rows(task: str, cfg: EvalConfig, data: DataConfig) -> list[dict]:
 
 def run_evals(model, tokenizer, cfg: EvalConfig, data: DataConfig, out_dir: Path | None = None,
               tag: str = "") -> dict[str, dict[str, Any]]:
-    from polmctl.config.schema import ConfigError
     from polmctl.models import is_reward_model
 
     reward_model = is_reward_model(model)
-    for i, task in enumerate(cfg.tasks):
-        if reward_model != (task in REWARD_MODEL_TASKS):
-            fix = ("eval.tasks=[reward]" if reward_model else
-                   "eval.tasks=[arithmetic], [perplexity] or [preference]")
-            raise ConfigError(f"eval.tasks[{i}]", f"{task!r} cannot evaluate a {'reward model' if reward_model else 'language model'}; "
-                              f"use {fix}")
+    check_tasks_fit(cfg.tasks, reward_model, "a reward model" if reward_model else "a language model")
     results = {}
     for task in cfg.tasks:
         result = EVAL_TASKS[task][1](model, tokenizer, eval_rows(task, cfg, data), cfg)

@@ -73,7 +73,8 @@ class RolloutBatches:
         rows, completion_ids, rewards, per_function, zero_std = [], [], [], {}, []
         for _ in range(m.max_resamples if m.dynamic_sampling else 1):
             batch_rows = [self.rows[i] for i in self.sampler.next()]
-            ids, total, parts = self._sample_and_score(model, batch_rows)
+            ids, _, total, parts = sample_and_score(model, self.tokenizer, self.reward, batch_rows, G, m,
+                                                    batch_index=self.rollouts)
             zero_std.append(pg.zero_variance_fraction(total, G))
             keep = pg.informative_groups(total, G) if m.dynamic_sampling else torch.ones_like(total, dtype=torch.bool)
             kept_rows = [r for r in batch_rows for _ in range(G)]
@@ -100,11 +101,6 @@ class RolloutBatches:
         for name, values in per_function.items():
             metrics[f"rewards/{name}"] = torch.cat(values).mean().item()
         return batches, metrics
-
-    def _sample_and_score(self, model, rows: list[dict]) -> tuple[list[list[int]], torch.Tensor, dict]:
-        ids, _, total, parts = sample_and_score(model, self.tokenizer, self.reward, rows, self.method.num_generations,
-                                                self.method, batch_index=self.rollouts)
-        return ids, total, parts
 
     def _micro_batches(self, rows, completion_ids, advantages) -> list[dict]:
         sequences, labels = [], []
