@@ -30,6 +30,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "unit or config"
 
+bench: setup
+	$(PY) benchmarks/rollout_prefill.py
+
 lint: setup
 	$(PY) -m compileall -q polmctl
 

@@ -147,6 +147,8 @@ class TrainerConfig:
     warmup_steps: int = _f(0, "linear warmup steps (overrides warmup_ratio when > 0)")
     warmup_ratio: float = _f(0.05, "warmup as a fraction of max_steps")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    keep_sparsity: bool = _f(False, "fine-tuning a pruned model: weights that start at least 10% zeros keep their "
+                                    "zeros (re-applied after every optimizer step and on a merged save)")
     mixed_precision: str = _f("no", "autocast for compute: no | bf16 | fp16 (via accelerate)")
     log_every: int = _f(1, "write a metrics line every N steps")
     save_every: int = _f(0, "write checkpoints/step-N every N steps (0: only final/)")

@@ -51,7 +51,7 @@ def _typed(node: Any, schema: type, prefix: str) -> Any:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Return the typed, checked config of a run, or raise ConfigError."""
-    from polmctl.objectives import METHOD_SCHEMAS  # here, not at the top: objectives import the schema
+    from polmctl.objectives import METHOD_SCHEMAS, OBJECTIVES  # here, not at the top: objectives import the schema
 
     if not isinstance(cfg, DictConfig):
         raise ConfigError("<root>", "expected a mapping")
@@ -75,6 +75,12 @@ def validate(cfg: DictConfig) -> RunConfig:
     check = getattr(run.method, "check", None)
     if check:
         check("method")
+    if run.runner == "train" and objective not in OBJECTIVES:
+        raise ConfigError("method.objective", f"{objective!r} trains nothing: it runs with runner={objective} "
+                                              "(set it, or use a recipe that does, e.g. recipe=prune)")
+    if run.runner in METHOD_SCHEMAS and objective != run.runner:  # prune, quantize: the method is the runner's
+        raise ConfigError("method.objective", f"runner={run.runner} reads method={run.runner}, got {objective!r}; "
+                                              f"use recipe={run.runner}")
     if run.runner == "train":
         _check_eval_fits_model(run, objective)
     if run.resume not in (None, "auto") and not run.resume:

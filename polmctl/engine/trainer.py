@@ -9,6 +9,7 @@ Features and the flag that controls each:
   mixed precision, devices, processes     trainer.mixed_precision, trainer.device (through accelerate)
   atomic checkpoints, keep the last K     trainer.save_every, trainer.keep_last
   exact resume                            resume=auto | resume=<checkpoint dir>
+  a pruned model keeps its zeros          trainer.keep_sparsity
   metrics.jsonl, trackers, progress bar   trainer.log_every, logger.trackers, logger.progress
 A non-finite loss stops the run before the bad update is applied.
 """
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate import Accelerator
 
+from polmctl.compress.sparsity import SparsityMasks
 from polmctl.config.schema import TrainerConfig
 from polmctl.engine.batches import OfflineBatches
 from polmctl.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
@@ -63,6 +65,8 @@ class Trainer:
                                                  shuffle=shuffle, rank=accelerator.process_index,
                                                  world_size=accelerator.num_processes)
         self.step = 0
+        # A pruned model's zeros, kept through fine-tuning (trainer.keep_sparsity).
+        self.sparsity = SparsityMasks.from_model(model) if cfg.keep_sparsity else None
 
     # -- state ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -86,7 +90,9 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------
 
     def _train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
         batches, source_metrics = self.batches.next_step(self.acc.unwrap_model(self.model))
+        batch_time = time.perf_counter() - started  # online RL: the rollout; offline: collation
         weight = torch.tensor(float(sum(self.objective.weight(b) for b in batches)), device=self.acc.device)
         # DDP averages gradients over processes, so scale by world size to get a global mean.
         weight = self.acc.reduce(weight, reduction="sum") / self.acc.num_processes
@@ -118,6 +124,8 @@ class Trainer:
         grad_norm = self.acc.clip_grad_norm_(params, max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        if self.sparsity is not None:
+            self.sparsity.apply(self.acc.unwrap_model(self.model))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -125,7 +133,8 @@ class Trainer:
         # A subset metric whose subset was empty this step (count 0) is left out, not logged as NaN.
         means = {name: total / metric_counts.get(name, weight.item())
                  for name, total in metric_sums.items() if metric_counts.get(name, 1)}
-        return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, **means, **source_metrics}
+        return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, **means, **source_metrics,
+                "batch_time_s": batch_time, "update_time_s": time.perf_counter() - started - batch_time}
 
     def _last_checkpoint(self) -> str:
         found = list_checkpoints(self.run_dir / "checkpoints")

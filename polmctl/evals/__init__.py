@@ -65,3 +65,22 @@ def run_evals(model, tokenizer, cfg: EvalConfig, data: DataConfig, out_dir: Path
             path = out_dir / f"{task}{'-' + tag if tag else ''}.jsonl"
             path.write_text("".join(json.dumps(s) + "\n" for s in result["samples"]))
     return results
+
+
+def evaluate_run(cfg, model, tokenizer, run_dir: Path, tag: str, reuse: bool = False) -> dict | None:
+    """The run's eval tasks on ``model``, written to ``<run_dir>/eval/results-<tag>.json`` (and
+    the answers to eval/*.jsonl); None without tasks. ``reuse`` returns an earlier result for
+    ``tag`` if there is one (a resumed run keeps its 'before'). Used by every runner."""
+    from polmctl.engine.metrics import write_json
+    from polmctl.engine.progress import console
+
+    if not cfg.eval.tasks:
+        return None
+    path = run_dir / "eval" / f"results-{tag}.json"
+    if reuse and path.exists():
+        return json.loads(path.read_text())
+    with console.status(f"evaluating ({tag}): {', '.join(cfg.eval.tasks)}"):
+        results = run_evals(model, tokenizer, cfg.eval, cfg.data, run_dir / "eval", tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)
+    return results

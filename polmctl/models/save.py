@@ -15,7 +15,22 @@ from pathlib import Path
 from polmctl.models.errors import ModelError
 
 
-def _write(model, tokenizer, tmp: Path, merge_adapters: bool) -> None:
+def _write(model, tokenizer, tmp: Path, merge_adapters: bool, heads: dict, sparsity) -> None:
+    from safetensors.torch import save_file
+
+    for name in heads:  # out of the model's own weights while it is written
+        delattr(model, name)
+    try:
+        _write_model(model, tokenizer, tmp, merge_adapters, sparsity)
+    finally:
+        for name, head in heads.items():
+            model.add_module(name, head)
+    for name, head in heads.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+                  str(tmp / f"{name}.safetensors"))
+
+
+def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) -> None:
     from peft import PeftModel
 
     to_save = model
@@ -31,14 +46,22 @@ def _write(model, tokenizer, tmp: Path, merge_adapters: bool) -> None:
                                  "merge it into a full-precision base later")
             # A copy: the caller keeps training or evaluating the unmerged model.
             to_save = copy.deepcopy(model).merge_and_unload()
+            if sparsity is not None:  # the merged LoRA update is dense
+                sparsity.apply(to_save)
     elif merge_adapters and getattr(model, "peft_config", None):
         raise ModelError("merge_adapters needs a peft.PeftModel; this model has adapters injected another way")
     to_save.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False,
+               heads: dict | None = None, sparsity=None) -> Path:
     """Save ``model`` and ``tokenizer`` into ``out_dir``, atomically, replacing what was there.
+
+    ``heads``, modules attached to the model only for training (PPO's value head), are left
+    out of the model's weights and written beside them as ``<name>.safetensors``.
+    ``sparsity`` (polmctl.compress.SparsityMasks) re-zeroes a pruned model's masked weights
+    after adapters are merged into them.
 
     Everything is written into ``<out_dir>.tmp-<pid>`` first and renamed into place only
     when complete; if writing fails, an existing ``out_dir`` is left untouched.
@@ -49,7 +72,7 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = 
     old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(model, tokenizer, tmp, merge_adapters)
+        _write(model, tokenizer, tmp, merge_adapters, heads or {}, sparsity)
         if out_dir.exists():
             # Move the old dir aside first: at every moment one complete dir is on disk.
             shutil.rmtree(old, ignore_errors=True)

@@ -8,22 +8,30 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from polmctl.compress.config import PruneMethod
+from polmctl.compress.quantize import QuantizeMethod
 from polmctl.objectives.base import LossTerms, Objective
+from polmctl.objectives.distill import DistillMethod, DistillObjective
 from polmctl.objectives.online import GRPOMethod, GRPOObjective
+from polmctl.objectives.ppo import PPOMethod, PPOObjective
 from polmctl.objectives.pairwise import CPOMethod, DPOMethod, ORPOMethod, PairwiseObjective, SimPOMethod
 from polmctl.objectives.rejection import RejectionSamplingMethod, RejectionSamplingObjective
 from polmctl.objectives.reward import RewardMethod, RewardObjective
 from polmctl.objectives.sft import SFTMethod, SFTObjective
 from polmctl.objectives.unpaired import KTOMethod, KTOObjective
+from polmctl.pipeline import PipelineMethod
 
 METHOD_SCHEMAS: dict[str, type] = {"sft": SFTMethod, "dpo": DPOMethod, "simpo": SimPOMethod, "cpo": CPOMethod,
                                    "orpo": ORPOMethod, "kto": KTOMethod, "reward_model": RewardMethod,
-                                   "grpo": GRPOMethod, "rejection_sampling": RejectionSamplingMethod}
+                                   "grpo": GRPOMethod, "rejection_sampling": RejectionSamplingMethod,
+                                   "ppo": PPOMethod, "prune": PruneMethod, "distill": DistillMethod,
+                                   "quantize": QuantizeMethod, "pipeline": PipelineMethod}
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"sft": SFTObjective, "dpo": PairwiseObjective,
                                                     "simpo": PairwiseObjective, "cpo": PairwiseObjective,
                                                     "orpo": PairwiseObjective, "kto": KTOObjective,
                                                     "reward_model": RewardObjective, "grpo": GRPOObjective,
-                                                    "rejection_sampling": RejectionSamplingObjective}
+                                                    "rejection_sampling": RejectionSamplingObjective,
+                                                    "ppo": PPOObjective, "distill": DistillObjective}
 
 __all__ = ["LossTerms", "Objective", "METHOD_SCHEMAS", "OBJECTIVES", "build_objective"]
 

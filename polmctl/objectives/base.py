@@ -65,10 +65,37 @@ def token_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     position on) and the mask of labelled tokens. Gathered with a logsumexp, never a full
     log-softmax; the same batch always gives the same window, so precomputed old or
     reference log-probs line up with these."""
+    out = policy_forward(model, batch)
+    return out.logps, out.mask
+
+
+@dataclass
+class PolicyForward:
+    """One forward pass of a policy over its labelled tokens, all [B, T] on token_logps' window."""
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor | None = None  # per-token entropy of the next-token distribution, no gradient
+    hidden: torch.Tensor | None = None  # [B, T, H] final hidden state where each labelled token is predicted
+
+
+def policy_forward(model: torch.nn.Module, batch: dict, *, entropy: bool = False,
+                   hidden: bool = False) -> PolicyForward:
+    """``token_logps`` plus, on request, the entropy (a logged metric of online RL) and the
+    final hidden states (PPO's value head reads them), from the same forward pass."""
     keep, labels = logits_window(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                use_cache=False, output_hidden_states=hidden)
+    logits = out.logits[:, :-1].float()
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
+    normaliser = torch.logsumexp(logits, dim=-1)
+    result = PolicyForward(logps=(picked - normaliser) * mask, mask=mask)
+    if entropy:
+        with torch.no_grad():  # H = logsumexp(z) - sum softmax(z) z
+            result.entropy = (normaliser - (logits.softmax(-1) * logits).sum(-1)) * mask
+    if hidden:
+        # hidden_states[-1] is the final (normed) state; position t predicts token t + 1.
+        result.hidden = out.hidden_states[-1][:, -keep:-1]
+    return result

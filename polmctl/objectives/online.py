@@ -15,7 +15,8 @@ Features and the flag that controls each:
   KL to the reference (k3)          method.beta (0: no reference forward at all)
   reuse of a rollout batch          method.num_iterations (old log-probs computed once per rollout)
   drop groups with equal rewards    method.dynamic_sampling (DAPO)
-  sampling                          method.temperature, method.top_p, method.max_new_tokens
+  sampling                          method.temperature, method.top_p, method.max_new_tokens, method.stop
+  generation backend                method.generation_backend: transformers | vllm
 The rollout itself lives in polmctl/rollout/online.py; the losses in policy_gradient.py.
 """
 
@@ -29,12 +30,13 @@ import torch
 from polmctl.config.schema import ConfigError, one_of, positive
 from polmctl.data.errors import DataError
 from polmctl.objectives import policy_gradient as pg
-from polmctl.objectives.base import LossTerms, token_logps
+from polmctl.objectives.base import LossTerms, policy_forward
 from polmctl.objectives.pairwise import _help
+from polmctl.rollout.sampling import SamplingOptions
 
 
 @dataclass
-class GRPOMethod:
+class GRPOMethod(SamplingOptions):
     objective: str = _help("grpo", "grpo: online RL on group-relative advantages (GRPO, Dr. GRPO, DAPO, RLOO)")
     rewards: List[Any] = field(default_factory=lambda: ["math_answer"], metadata={
         "help": "reward functions: registry names (math_answer, format, length_penalty, reward_model) or "
@@ -49,9 +51,6 @@ class GRPOMethod:
     num_iterations: int = _help(1, "optimizer steps on each rollout batch (mu)")
     dynamic_sampling: bool = _help(False, "drop groups whose rewards are all equal and sample again (DAPO)")
     max_resamples: int = _help(4, "with dynamic_sampling: rollouts tried before a step gives up")
-    temperature: float = _help(1.0, "sampling temperature of the rollouts")
-    top_p: float = _help(1.0, "nucleus sampling of the rollouts")
-    max_new_tokens: int = _help(64, "completion budget of each rollout")
 
     def check(self, section: str) -> None:
         one_of(section, "loss_type", self.loss_type, pg.LOSS_TYPES)
@@ -60,12 +59,11 @@ class GRPOMethod:
         if self.num_generations < 2:
             raise ConfigError(f"{section}.num_generations", f"must be at least 2 to compare completions, got "
                               f"{self.num_generations}")
-        for name in ("num_iterations", "max_resamples", "max_new_tokens", "temperature"):
+        self.check_sampling(section)
+        for name in ("num_iterations", "max_resamples"):
             positive(section, name, getattr(self, name))
         for name in ("epsilon_low", "epsilon_high", "beta"):
             positive(section, name, getattr(self, name), zero_ok=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{section}.top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not self.rewards:
             raise ConfigError(f"{section}.rewards", "needs at least one reward function, e.g. [math_answer]")
 
@@ -89,7 +87,8 @@ class GRPOObjective:
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossTerms:
         m = self.method
-        logps, mask = token_logps(model, batch)
+        out = policy_forward(model, batch, entropy=True)
+        logps, mask = out.logps, out.mask
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old.to(logps)  # on-policy: ratio 1, gradient of logp
         ref = batch.get("ref_logps")
@@ -97,6 +96,7 @@ class GRPOObjective:
             logps, old, batch["advantages"].to(logps), mask, epsilon_low=m.epsilon_low, epsilon_high=m.epsilon_high,
             loss_type=m.loss_type, ref_logps=None if ref is None else ref.to(logps), beta=m.beta,
             max_completion_length=m.max_new_tokens)
+        metrics["entropy"] = (out.entropy.sum(), mask.sum())
         return LossTerms(loss_sum=loss_sum, weight=weight, metrics=metrics)
 
     def make_batches(self, rows: list[dict], *, model, tokenizer, cfg, accelerator):

@@ -101,7 +101,7 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
                         beta: float = 0.0,
                         max_completion_length: int | None = None) -> tuple[torch.Tensor, int, Metrics]:
     """PPO-clip surrogate on tokens, with per-token ratio rho = exp(logp - old_logp) and A the
-    row's advantage:
+    row's advantage ([B], GRPO) or the token's ([B, T], PPO's GAE):
 
         l_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3_t
 
@@ -133,7 +133,7 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     # Padded positions may hold any fill (-inf from a rollout engine): keep it out of exp, where
     # multiplying by the mask afterwards would leave inf * 0 = NaN in the loss or its gradient.
     ratio = torch.exp(torch.where(real, logps - old_logps, 0.0))
-    a = advantages.unsqueeze(1)
+    a = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     per_token = -torch.min(ratio * a, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * a)
     if beta > 0:
         kl = k3_kl(logps, torch.where(real, ref_logps, logps))

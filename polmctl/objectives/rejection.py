@@ -10,7 +10,7 @@ Features and the flag that controls each:
   what counts as accepted           method.rewards (weighted sum) >= method.threshold
   kept per prompt                   method.max_per_prompt (distinct answers, best first)
   round size                        method.prompts_per_round, method.steps_per_round (rounds = max_steps / steps_per_round)
-  sampling                          method.temperature, method.top_p, method.max_new_tokens
+  sampling                          method.temperature, method.top_p, method.max_new_tokens, method.stop
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from polmctl.config.schema import ConfigError, positive
 from polmctl.objectives.online import prompt_rows
 from polmctl.objectives.pairwise import _help
 from polmctl.objectives.sft import SFTMethod, SFTObjective
+from polmctl.rollout.sampling import SamplingOptions
 
 
 @dataclass
-class RejectionSamplingMethod:
+class RejectionSamplingMethod(SamplingOptions):
     objective: str = _help("rejection_sampling", "rejection_sampling: SFT on the model's own accepted samples")
     rewards: List[Any] = field(default_factory=lambda: ["math_answer"], metadata={
         "help": "reward functions (as for grpo); their weighted sum decides acceptance"})
@@ -35,16 +36,12 @@ class RejectionSamplingMethod:
     prompts_per_round: int = _help(64, "prompts sampled in each round")
     steps_per_round: int = _help(10, "optimizer steps on each round's accepted answers")
     max_empty_rounds: int = _help(3, "rounds in a row with nothing accepted before the run stops")
-    temperature: float = _help(1.0, "sampling temperature")
-    top_p: float = _help(1.0, "nucleus sampling")
-    max_new_tokens: int = _help(64, "answer budget of each sample")
 
     def check(self, section: str) -> None:
         for name in ("num_samples", "max_per_prompt", "prompts_per_round", "steps_per_round", "max_empty_rounds",
-                     "max_new_tokens", "temperature"):
+):
             positive(section, name, getattr(self, name))
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{section}.top_p", f"must be in (0, 1], got {self.top_p!r}")
+        self.check_sampling(section)
         if not self.rewards:
             raise ConfigError(f"{section}.rewards", "needs at least one reward function, e.g. [math_answer]")
 

@@ -3,10 +3,15 @@ a plain decoding loop.
 
 Prompts are rendered text (from ``polmctl.data.format_prompt``) and are tokenized exactly
 as training tokenizes them (no added special tokens).
+
+Stop strings end a completion right after the first one it produces (the stop string stays
+in the text). Only the completion is searched: a stop string that would need the prompt's
+last characters (``"\\n\\n"`` after a chat prompt ending in ``"\\n"``) does not stop it, as in vLLM.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from itertools import groupby
 from typing import Sequence
 
@@ -20,34 +25,45 @@ def _prompt_learning(model) -> bool:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             decode: bool = True) -> list[str] | list[list[int]]:
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             decode: bool = True, stop: Sequence[str] = ()) -> list[str] | list[list[int]]:
     """Completions for ``prompts``, in order: text without special tokens, or (``decode=False``)
-    the new token ids up to and including the end-of-sequence token."""
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    device = next(p for p in model.parameters()).device
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    the new token ids up to and including the end-of-sequence token, or up to the end of the
+    first stop string in ``stop``."""
+    stop = list(stop)
+    # top_k=0 is passed explicitly: generate's default (generation_config.top_k = 50) would truncate.
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
     new_tokens: list[list[int]] = []
-    try:
+    with generation_mode(model, tokenizer) as device:
         if _prompt_learning(model):
             new_tokens = _decode_without_cache(model, tokenizer, prompts, max_new_tokens, batch_size, device,
-                                               do_sample, temperature, top_p)
+                                               do_sample, temperature, top_p, stop, top_k)
         else:
             for i in range(0, len(prompts), batch_size):
                 enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
+                width = enc["input_ids"].shape[1]
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     pad_token_id=tokenizer.pad_token_id, **sampling)
-                new_tokens += [_until_eos(row.tolist(), tokenizer) for row in out[:, enc["input_ids"].shape[1]:]]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     stopping_criteria=stop_criteria(tokenizer, stop, width), **sampling)
+                new_tokens += [cut_completion(row.tolist(), tokenizer, stop) for row in out[:, width:]]
     if decode:
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return new_tokens
+
+
+@contextmanager
+def generation_mode(model, tokenizer):
+    """Eval mode and left padding for the duration; yields the model's device."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield next(p for p in model.parameters()).device
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
 
 
 def _until_eos(tokens: list[int], tokenizer) -> list[int]:
@@ -56,8 +72,57 @@ def _until_eos(tokens: list[int], tokenizer) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
+def cut_completion(tokens: list[int], tokenizer, stop: Sequence[str] = ()) -> list[int]:
+    """The new tokens up to and including the end-of-sequence token, or up to and including the
+    token that completes the first stop string, whichever comes first; without ``stop``, just
+    the first. The text is searched as ``StopStringCriteria`` sees it (special tokens as their
+    text), so the cut falls where generation stopped."""
+    tokens = _until_eos(tokens, tokenizer)
+    if not stop:
+        return tokens
+    pad = tokenizer.pad_token_id
+    while tokens and tokens[-1] == pad and pad != tokenizer.eos_token_id:
+        tokens = tokens[:-1]  # a row that stopped early is padded to the batch's length
+
+    def has_stop(n: int) -> bool:
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return any(s in text for s in stop)
+
+    if not has_stop(len(tokens)):
+        return tokens
+    lo, hi = 1, len(tokens)  # the shortest prefix holding a stop string (a longer one holds it too)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+    return tokens[:lo]
+
+
+class _CompletionStopStrings:
+    """transformers' ``StopStringCriteria`` shown only the completion (the columns from
+    ``prompt_width`` on), so the prompt's tail never completes a stop string. Passing
+    ``stop_strings=`` to ``generate`` would match across the prompt/completion boundary."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        self.criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop))
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        return self.criteria(input_ids[:, self.prompt_width:], scores, **kwargs)
+
+
+def stop_criteria(tokenizer, stop: Sequence[str], prompt_width: int):
+    """The ``stopping_criteria`` for ``model.generate`` that end rows at a stop string (None: no stop strings)."""
+    if not stop:
+        return None
+    from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+    return StoppingCriteriaList([_CompletionStopStrings(tokenizer, stop, prompt_width)])
+
+
 def _decode_without_cache(model, tokenizer, prompts, max_new_tokens, batch_size, device, do_sample, temperature,
-                          top_p) -> list[list[int]]:
+                          top_p, stop: Sequence[str] = (), top_k: int = 0) -> list[list[int]]:
     """Decoding with a full forward pass per new token, for prompt and prefix tuning.
 
     Written by hand because ``PeftModel.generate`` is wrong for these adapters with
@@ -67,15 +132,19 @@ def _decode_without_cache(model, tokenizer, prompts, max_new_tokens, batch_size,
     (tests/unit/test_models_adapters.py keeps strict xfails that fail once that is fixed).
     Prompts are batched only with prompts of the same token length, so no row is padded
     and every position is where training put it. O(length^2) per prompt: slower, right.
+    A row ends at the end-of-sequence token or at the end of a stop string in ``stop``.
     """
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if do_sample else []
+    if do_sample and top_k > 0:
+        warpers.insert(1, TopKLogitsWarper(top_k))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: dict[int, list[int]] = {}
-    for _, same_length in groupby(order, key=lambda i: len(encoded[i])):
+    for length, same_length in groupby(order, key=lambda i: len(encoded[i])):
         same_length = list(same_length)
+        stopped = _CompletionStopStrings(tokenizer, stop, length) if stop else None
         for start in range(0, len(same_length), batch_size):
             rows = same_length[start : start + batch_size]
             ids = torch.tensor([encoded[i] for i in rows], device=device)
@@ -88,8 +157,10 @@ def _decode_without_cache(model, tokenizer, prompts, max_new_tokens, batch_size,
                 token = token.masked_fill(done, tokenizer.pad_token_id)
                 ids = torch.cat([ids, token[:, None]], dim=1)
                 done |= token == tokenizer.eos_token_id
+                if stopped is not None:
+                    done |= stopped(ids)
                 if done.all():
                     break
             for row, i in enumerate(rows):
-                results[i] = _until_eos(ids[row, len(encoded[i]):].tolist(), tokenizer)
+                results[i] = cut_completion(ids[row, length:].tolist(), tokenizer, stop)
     return [results[i] for i in range(len(prompts))]

@@ -25,7 +25,7 @@ from polmctl.engine.errors import TrainingError
 from polmctl.evals.arithmetic import prompt_of
 from polmctl.objectives import policy_gradient as pg
 from polmctl.objectives.base import token_logps
-from polmctl.rollout.generate import generate
+from polmctl.rollout.backends import TransformersBackend, make_backend
 from polmctl.rollout.rewards import CombinedReward
 
 
@@ -41,6 +41,7 @@ class RolloutBatches:
         self.sampler = BatchSampler(len(rows), self.prompts_per_step, seed=seed, shuffle=shuffle,
                                     rank=accelerator.process_index, world_size=accelerator.num_processes)
         self.reward = CombinedReward.from_specs(method.rewards)
+        self.backend = make_backend(method)
         self.reference = None  # a frozen copy, only for full fine-tuning with beta > 0
         self.rollouts = 0
         self._cached: tuple[list[dict], dict[str, float]] | None = None
@@ -74,7 +75,7 @@ class RolloutBatches:
         for _ in range(m.max_resamples if m.dynamic_sampling else 1):
             batch_rows = [self.rows[i] for i in self.sampler.next()]
             ids, _, total, parts = sample_and_score(model, self.tokenizer, self.reward, batch_rows, G, m,
-                                                    batch_index=self.rollouts)
+                                                    batch_index=self.rollouts, backend=self.backend)
             zero_std.append(pg.zero_variance_fraction(total, G))
             keep = pg.informative_groups(total, G) if m.dynamic_sampling else torch.ones_like(total, dtype=torch.bool)
             kept_rows = [r for r in batch_rows for _ in range(G)]
@@ -92,7 +93,7 @@ class RolloutBatches:
                                 "method.temperature, or check the reward functions")
         rewards = torch.cat(rewards)
         advantages = pg.group_advantages(rewards, G, scale=m.scale_rewards, baseline=m.baseline)
-        batches = self._micro_batches(rows, completion_ids, advantages)
+        batches = self._micro_batches(rows, completion_ids, advantages=advantages)
         self._precompute(model, batches)
         lengths = torch.tensor([float(len(c)) for c in completion_ids])
         metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
@@ -102,7 +103,9 @@ class RolloutBatches:
             metrics[f"rewards/{name}"] = torch.cat(values).mean().item()
         return batches, metrics
 
-    def _micro_batches(self, rows, completion_ids, advantages) -> list[dict]:
+    def _micro_batches(self, rows, completion_ids, **per_row: torch.Tensor) -> list[dict]:
+        """Prompt + completion sequences (labels on the completion) in micro-batches, each with
+        its slice of the ``per_row`` tensors (GRPO: advantages; PPO: scores)."""
         sequences, labels = [], []
         for row, completion in zip(rows, completion_ids):
             prompt = self.tokenizer(format_prompt(prompt_of(row), self.tokenizer), add_special_tokens=False)["input_ids"]
@@ -114,7 +117,7 @@ class RolloutBatches:
         for start in range(0, len(sequences), size):
             batch = pad_sequences(sequences[start : start + size], labels[start : start + size],
                                   self.tokenizer.pad_token_id)
-            batch["advantages"] = advantages[start : start + size]
+            batch.update({name: values[start : start + size] for name, values in per_row.items()})
             batches.append(batch)
         return batches
 
@@ -146,14 +149,16 @@ class RolloutBatches:
 
 
 def sample_and_score(model, tokenizer, reward: CombinedReward, rows: list[dict], samples_per_prompt: int, method, *,
-                     batch_index: int) -> tuple[list[list[int]], list[str], torch.Tensor, dict]:
+                     batch_index: int, backend=None) -> tuple[list[list[int]], list[str], torch.Tensor, dict]:
     """``samples_per_prompt`` sampled completions of each row's prompt, in one generation batch
     (grouped: a row's samples are consecutive): their token ids, texts, total reward, and
-    each reward function's values. The rewards see the rows' other columns (e.g. answer)."""
+    each reward function's values. The rewards see the rows' other columns (e.g. answer).
+    ``backend`` (polmctl.rollout.backends; None: transformers) samples with the method's
+    temperature, top_p, max_new_tokens and stop strings."""
+    backend = backend or TransformersBackend()
+    prompts = [format_prompt(prompt_of(r), tokenizer) for r in rows]
+    ids = backend.sample(model, tokenizer, prompts, samples_per_prompt, method)
     expanded = [r for r in rows for _ in range(samples_per_prompt)]
-    prompts = [format_prompt(prompt_of(r), tokenizer) for r in expanded]
-    ids = generate(model, tokenizer, prompts, max_new_tokens=method.max_new_tokens, batch_size=len(prompts),
-                   do_sample=True, temperature=method.temperature, top_p=method.top_p, decode=False)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k not in ("prompt", "messages", "completion")}
     total, parts = reward([prompt_of(r) for r in expanded], texts, columns, batch_index=batch_index)

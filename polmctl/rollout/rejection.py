@@ -14,6 +14,7 @@ from polmctl.data import encode_dataset
 from polmctl.engine.batches import BatchSampler, OfflineBatches
 from polmctl.engine.errors import TrainingError
 from polmctl.evals.arithmetic import prompt_of
+from polmctl.rollout.backends import make_backend
 from polmctl.rollout.online import sample_and_score
 from polmctl.rollout.rewards import CombinedReward
 
@@ -27,6 +28,7 @@ class RejectionSamplingBatches:
                                     shuffle=cfg.data.shuffle, rank=accelerator.process_index,
                                     world_size=accelerator.num_processes)
         self.reward = CombinedReward.from_specs(self.method.rewards)
+        self.backend = make_backend(self.method)
         self.rounds, self.steps_left, self.round_batches = 0, 0, None
         self.round_metrics: dict[str, float] = {}
 
@@ -56,7 +58,7 @@ class RejectionSamplingBatches:
         for empty in range(m.max_empty_rounds):
             rows = [self.rows[i] for i in self.prompts.next()]
             _, texts, total, _ = sample_and_score(model, self.tokenizer, self.reward, rows, m.num_samples, m,
-                                                  batch_index=self.rounds)
+                                                  batch_index=self.rounds, backend=self.backend)
             self.rounds += 1
             accepted = self._accepted(rows, texts, total.tolist())
             if accepted:

@@ -6,9 +6,15 @@ from typing import Any, Callable
 
 from polmctl.config.schema import RunConfig
 from polmctl.runners.evaluate import run_evaluate
+from polmctl.runners.pipeline import run_pipeline
+from polmctl.runners.prune import run_prune
+from polmctl.runners.quantize import run_quantize
 from polmctl.runners.train import run_train
 
 RUNNERS: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
     "train": run_train,
     "evaluate": run_evaluate,
+    "prune": run_prune,
+    "quantize": run_quantize,
+    "pipeline": run_pipeline,
 }

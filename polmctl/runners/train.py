@@ -9,7 +9,6 @@ summary.json (final metrics, evaluation before/after, wall time, peak memory, to
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from polmctl.engine.device import make_accelerator
 from polmctl.engine.metrics import peak_memory_mb, write_json
 from polmctl.engine.progress import console, summary_table
 from polmctl.engine.trainer import Trainer
-from polmctl.evals import run_evals
+from polmctl.evals import evaluate_run
 from polmctl.models import apply_peft, cache_root, load_model, load_tokenizer, save_model, trainable_parameter_summary
 from polmctl.objectives import build_objective
 
@@ -48,11 +47,16 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     head = getattr(objective, "model_head", "causal_lm")  # reward_model: a scalar score head
     model = load_model(cfg.model, device=acc.device, for_training=True, head=head, pad_token_id=tokenizer.pad_token_id)
     model = apply_peft(model, cfg.peft, tokenizer)
+    # Modules that train beside the model (PPO's value head): attached, they are optimised,
+    # checkpointed and resumed with it; the final model is saved without them.
+    heads = objective.heads(model) if hasattr(objective, "heads") else {}
+    for name, head in heads.items():
+        model.add_module(name, head)
     trainable, total = trainable_parameter_summary(model)
     console.print(f"[bold]model[/] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
                   f"({100 * trainable / total:.2f}%), peft={cfg.peft.method}")
 
-    before = _evaluate(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None) if cfg.eval.before else None
+    before = evaluate_run(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None) if cfg.eval.before else None
     # Online objectives (GRPO, ...) make their batches by sampling the policy as it trains.
     online = hasattr(objective, "make_batches")
     batches = objective.make_batches(examples, model=model, tokenizer=tokenizer, cfg=cfg, accelerator=acc) if online else None
@@ -73,8 +77,9 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     fit = trainer.fit(resume)
     model = acc.unwrap_model(trainer.model)
     if acc.is_main_process:
-        save_model(model, tokenizer, run_dir / "final", merge_adapters=cfg.peft.merge_on_save)
-    after = _evaluate(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks else None
+        save_model(model, tokenizer, run_dir / "final", merge_adapters=cfg.peft.merge_on_save, heads=heads,
+                   sparsity=trainer.sparsity)
+    after = evaluate_run(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks else None
     acc.end_training()
 
     summary = {
@@ -90,20 +95,6 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         console.print(summary_table(f"{cfg.recipe.name} run summary", _table_rows(summary)))
         console.print(f"run dir: {run_dir}", highlight=False, soft_wrap=True)
     return summary
-
-
-def _evaluate(cfg: RunConfig, model, tokenizer, run_dir: Path, tag: str, reuse: bool = False) -> dict | None:
-    """Evaluate (rank 0 only); ``reuse`` takes an earlier result, so a resumed run keeps its 'before'."""
-    if not cfg.eval.tasks:
-        return None
-    path = run_dir / "eval" / f"results-{tag}.json"
-    if reuse and path.exists():
-        return json.loads(path.read_text())
-    with console.status(f"evaluating ({tag}): {', '.join(cfg.eval.tasks)}"):
-        results = run_evals(model, tokenizer, cfg.eval, cfg.data, run_dir / "eval", tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, results)
-    return results
 
 
 def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:

@@ -32,9 +32,16 @@ def test_every_recipe_composes_and_validates(recipe):
     assert f"name: {recipe}" in text
 
 
+# Options that only make sense beside another choice: a reward-model eval needs a reward
+# model; a non-training method needs its own runner.
+COMPANIONS = {("eval", "reward"): ["recipe=reward_model"], ("method", "reward_model"): ["eval=reward"],
+              ("method", "prune"): ["runner=prune"], ("method", "quantize"): ["runner=quantize"],
+              ("method", "pipeline"): ["runner=pipeline"]}
+
+
 @pytest.mark.parametrize("group,option", list(group_options()))
 def test_every_group_option_composes_and_validates(group, option):
-    run, _ = compose_validated([f"{group}={option}"])
+    run, _ = compose_validated([f"{group}={option}", *COMPANIONS.get((group, option), [])])
     assert isinstance(run, RunConfig)
 
 
@@ -92,3 +99,15 @@ def test_composition_errors_are_one_line_with_the_key(override, needle):
     with pytest.raises(ValueError) as info:
         compose_config([override])
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["recipe=sft", "method=prune"], r"method.objective: 'prune' trains nothing: it runs with runner=prune"),
+    (["recipe=sft", "runner=prune"], r"method.objective: runner=prune reads method=prune, got .sft."),
+])
+def test_the_method_must_fit_the_runner(overrides, match):
+    from polmctl.config.schema import ConfigError
+    from polmctl.config.validate import validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_config(overrides))

@@ -13,7 +13,7 @@ from polmctl.config.validate import validate
 from polmctl.engine.metrics import read_metrics
 import polmctl.runners.train as train_runner
 
-FAST = ["model=tiny", "eval=none", "logger.progress=false", "trainer.warmup_ratio=0"]
+FAST = ["model=tiny", "eval=none", "eval.tasks=[]", "logger.progress=false", "trainer.warmup_ratio=0"]
 
 
 class Run:

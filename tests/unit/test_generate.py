@@ -9,20 +9,25 @@ from polmctl.config.schema import ModelConfig, PeftConfig
 from polmctl.data import format_prompt
 from polmctl.models import apply_peft, load_model, load_tokenizer
 from polmctl.rollout import generate
+from polmctl.rollout.backends import TransformersBackend
 
 pytestmark = pytest.mark.unit
 TINY = ModelConfig(name_or_path="builtin:tiny")
 
 
-@pytest.mark.parametrize("method", ["none", "lora", "prompt_tuning", "prefix_tuning"])
-def test_greedy_generation_continues_with_the_forward_argmax(method, monkeypatch):
+def adapted(method: str):
     tok = load_tokenizer(TINY)
     model = apply_peft(load_model(TINY), PeftConfig(method=method, r=4, num_virtual_tokens=4), tok)
     with torch.no_grad():  # strong adapters, so generation that ignored them would differ
         for p in model.parameters():
             if p.requires_grad and method != "none":
                 p.copy_(torch.randn_like(p) * 20)
-    model.eval()
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "prompt_tuning", "prefix_tuning"])
+def test_greedy_generation_continues_with_the_forward_argmax(method, monkeypatch):
+    model, tok = adapted(method)
     prompts = [format_prompt(text, tok) for text in ("hi", "a much longer prompt here", "2+2", "x y z w")]
     completions = generate(model, tok, prompts, max_new_tokens=8, decode=False)
     changed = []
@@ -37,6 +42,16 @@ def test_greedy_generation_continues_with_the_forward_argmax(method, monkeypatch
     # token on, which 8 steps expose). Soft prompts of
     # any size leave the tiny random model's argmax unchanged, so prompt tuning is exempt.
     assert method in ("none", "prompt_tuning") or any(changed)
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "prompt_tuning", "prefix_tuning"])
+def test_rollout_backend_greedy_groups_continue_with_the_forward_argmax(method):
+    """The rollout backend (one shared prefill per prompt; the own loop for prompt learning)
+    decodes what full forward passes predict, adapters included, each prompt's G rows in a row."""
+    model, tok = adapted(method)
+    prompts = [format_prompt(text, tok) for text in ("hi", "a much longer prompt here", "2+2")]
+    groups = TransformersBackend().generate(model, tok, prompts, 2, max_new_tokens=8, do_sample=False)
+    assert groups == [greedy_by_hand(model, tok, p) for p in prompts for _ in range(2)]
 
 
 def greedy_by_hand(model, tok, prompt: str, steps: int = 8) -> list[int]:

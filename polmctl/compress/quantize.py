@@ -1,0 +1,350 @@
+"""Post-training weight quantization (``recipe=quantize``, run by ``runner: quantize``): the
+``method`` node, the quantizing load, and what the runner measures before and after.
+
+    polmctl run recipe=quantize                            # nf4: bitsandbytes 4-bit NormalFloat, double quant
+    polmctl run recipe=quantize method.scheme=int8         # bitsandbytes LLM.int8()
+    polmctl run recipe=quantize method.scheme=cpu_int8     # torchao int8 weights, for inference on CPUs
+
+Schemes:
+  nf4 / fp4 / int8   bitsandbytes through transformers' ``BitsAndBytesConfig`` (built by
+                     ``polmctl.models.load.quantization_config``); runs on CPU and CUDA.
+  cpu_int8           torchao's ``Int8WeightOnlyConfig`` (with ``method.dynamic_activations``:
+                     ``Int8DynamicActivationInt8WeightConfig``) through transformers' ``TorchAoConfig``;
+                     needs ``pip install 'torchao>=0.15'`` (the ``quant`` extra of polmctl).
+
+Every scheme is written with ``save_pretrained`` (safetensors, the quantization config in
+config.json), so ``from_pretrained`` and ``polmctl.models.load_model`` reload the dir quantized
+with no extra argument. Embeddings and the LM head stay in full precision (transformers skips
+them for both libraries).
+
+Why torchao, not ``torch.ao.quantization.quantize_dynamic``, for cpu_int8 (checked on torch 2.13,
+transformers 5.24, torchao 0.18): quantize_dynamic still exists and its fbgemm kernels are fast on
+CPU, but it is deprecated (its own warning announces removal; the quantized-tensor constructors it
+uses are deprecated too), and the modules it makes hold packed parameters that are not tensors:
+its state dict can be neither written as safetensors nor read by ``from_pretrained``, so the only
+ways back are pickling the whole module or re-running quantize_dynamic on a fresh model before
+``load_state_dict`` -- outside any model dir. torchao's int8 weights are tensor subclasses that
+transformers' ``TorchAoHfQuantizer`` flattens into safetensors and rebuilds on load, so the model
+dir round-trips. Weight-only is the default: in eager mode on the CPUs tried it generated at about
+float32 speed with 4x smaller linear weights, while dynamic activation quantization was slower.
+
+This module imports no torch at the top: the objectives registry imports ``QuantizeMethod``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from polmctl.config.schema import ConfigError, _f, one_of, positive
+
+SCHEMES = ("nf4", "fp4", "int8", "cpu_int8")
+BNB_SCHEMES = ("nf4", "fp4", "int8")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TORCHAO_MIN = "0.15"  # transformers 5.24 treats an older torchao as absent (TORCHAO_MIN_VERSION)
+TORCHAO_INSTALL = f"pip install 'torchao>={TORCHAO_MIN}' (polmctl's quant extra)"
+WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # a model dir's weights (not e.g. value_head.safetensors)
+
+
+@dataclass
+class QuantizeMethod:
+    objective: str = _f("quantize", "quantize: post-training weight quantization, no training (runner: quantize)")
+    scheme: str = _f("nf4", "nf4 | fp4 (bitsandbytes 4-bit) | int8 (bitsandbytes LLM.int8) | cpu_int8 (torchao "
+                               "int8 weights, for inference on CPUs; pip install 'torchao>=0.15')")
+    double_quant: bool = _f(True, "nf4 / fp4: also quantize the per-block scales (about 0.4 bits per weight less)")
+    compute_dtype: str = _f("auto", "dtype of the activations and of the weights left unquantized (embeddings, "
+                                       "norms), and of nf4 / fp4 matmuls: auto (model.dtype; 4-bit matmuls in "
+                                       "float32 on CPU, bfloat16 or float16 on CUDA) | float32 | bfloat16 | float16")
+    dynamic_activations: bool = _f(False, "cpu_int8: also quantize activations to int8 per token at run time "
+                                             "(torchao Int8DynamicActivationInt8Weight) instead of weights only")
+    speed_prompts: int = _f(16, "held-out arithmetic prompts generated greedily before and after, for tokens/s")
+    speed_max_new_tokens: int = _f(32, "tokens/s measurement: new tokens per prompt at most")
+    speed_batch_size: int = _f(8, "tokens/s measurement: prompts per generate call")
+
+    def check(self, section: str) -> None:
+        one_of(section, "scheme", self.scheme, SCHEMES)
+        one_of(section, "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        if self.dynamic_activations and self.scheme != "cpu_int8":
+            raise ConfigError(f"{section}.dynamic_activations", f"only cpu_int8 quantizes activations, not "
+                                                                f"{self.scheme}; set method.dynamic_activations=false")
+        for name in ("speed_prompts", "speed_max_new_tokens", "speed_batch_size"):
+            positive(section, name, getattr(self, name))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextmanager
+def quiet_backends() -> Iterator[None]:
+    """Library chatter that says nothing to the user, for the duration: bitsandbytes' int8 cast
+    warning (logged at every int8 matmul on CPU), torchao's failed loads of its CUDA-only kernels
+    and torch's pytree deprecation lines that a torchao import logs."""
+    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # older bitsandbytes
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def check_backend(scheme: str, device) -> None:
+    """The scheme's library imports and runs on ``device``, or one ConfigError naming method.scheme."""
+    if scheme in BNB_SCHEMES:
+        try:
+            import bitsandbytes
+        except (ImportError, RuntimeError, OSError) as err:  # missing, or its native library does not load
+            raise ConfigError("method.scheme", f"{scheme} needs a working bitsandbytes ({_first_line(err)}): "
+                                               "pip install -U bitsandbytes, or use method.scheme=cpu_int8") from None
+        supported = getattr(bitsandbytes, "supported_torch_devices", {"cpu", "cuda"})
+        if device.type not in supported:
+            raise ConfigError("method.scheme", f"{scheme}: bitsandbytes {bitsandbytes.__version__} does not run on "
+                                               f"{device.type} (it runs on {', '.join(sorted(supported))}); set "
+                                               "trainer.device to one of those, or use method.scheme=cpu_int8")
+        return
+    if device.type != "cpu":
+        raise ConfigError("trainer.device", f"method.scheme=cpu_int8 quantizes for CPU inference, got device "
+                                            f"{device}; use trainer.device=cpu, or method.scheme=int8 / nf4 on GPUs")
+    with quiet_backends():
+        try:
+            import torchao
+        except (ImportError, RuntimeError, OSError) as err:
+            raise ConfigError("method.scheme", f"cpu_int8 needs torchao ({_first_line(err)}): {TORCHAO_INSTALL}, "
+                                               "or use method.scheme=int8") from None
+    from packaging.version import Version
+
+    found = getattr(torchao, "__version__", "unknown")
+    try:
+        too_old = Version(found) < Version(TORCHAO_MIN)
+    except ValueError:  # "unknown" or a local build: let transformers decide
+        too_old = False
+    if too_old:
+        raise ConfigError("method.scheme", f"cpu_int8 needs torchao >= {TORCHAO_MIN}, found {found}: "
+                                           f"{TORCHAO_INSTALL}, or use method.scheme=int8")
+
+
+def load_dtype(method: QuantizeMethod, model_dtype: str, device):
+    """The torch dtype the model loads in: method.compute_dtype, or model.dtype's resolution for auto."""
+    import torch
+
+    from polmctl.models.load import resolve_dtype
+
+    return resolve_dtype(model_dtype, device) if method.compute_dtype == "auto" else getattr(torch, method.compute_dtype)
+
+
+def quantization_config(method: QuantizeMethod, device):
+    """The transformers quantization config of ``method.scheme``: BitsAndBytesConfig or TorchAoConfig."""
+    import torch
+
+    if method.scheme in BNB_SCHEMES:
+        from polmctl.config.schema import ModelConfig
+        from polmctl.models.load import quantization_config as bnb_config
+
+        config = bnb_config(ModelConfig(quantization=method.scheme, double_quant=method.double_quant), device)
+        if method.scheme != "int8" and method.compute_dtype != "auto":
+            config.bnb_4bit_compute_dtype = getattr(torch, method.compute_dtype)
+        return config
+    with quiet_backends():
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        ao = Int8DynamicActivationInt8WeightConfig() if method.dynamic_activations else Int8WeightOnlyConfig()
+        return TorchAoConfig(ao)
+
+
+def quantize_model(source: str | Path, method: QuantizeMethod, *, device, dtype, trust_remote_code: bool = False):
+    """The causal LM in the full-precision model dir ``source``, loaded quantized by ``method``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from polmctl.models.errors import ModelError
+
+    config = quantization_config(method, device)
+    try:
+        with quiet_backends():
+            model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=config, dtype=dtype,
+                                                         device_map={"": device}, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
+        raise ModelError(f"cannot quantize {source} with method.scheme={method.scheme}: {_first_line(err)}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def quantized_layers(model) -> Counter:
+    """How many layers hold quantized weights, by kind: bitsandbytes' Linear4bit / Linear8bitLt, or
+    ``Linear[<torchao tensor>]`` for a Linear whose weight is a torchao tensor subclass."""
+    kinds: Counter = Counter()
+    for module in model.modules():
+        name = type(module).__name__
+        if name in ("Linear4bit", "Linear8bitLt"):
+            kinds[name] += 1
+        elif _is_tensor_subclass(getattr(module, "weight", None)):
+            kinds[f"{name}[{type(module.weight).__name__}]"] += 1
+    return kinds
+
+
+def full_precision_linears(model) -> list[str]:
+    """Names of the nn.Linear layers whose weights were left as plain tensors (e.g. lm_head)."""
+    import torch
+
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and not _is_tensor_subclass(m.weight)]
+
+
+def _is_tensor_subclass(t) -> bool:
+    """A tensor subclass that stores its data in inner tensors (torchao's Int8Tensor, ...)."""
+    return t is not None and hasattr(t, "__tensor_flatten__")
+
+
+def _stored_tensors(t) -> Iterator[Any]:
+    """The plain tensors that hold a parameter's or buffer's data, with what quantization keeps beside it.
+
+    ``numel() * element_size()`` (what ``get_memory_footprint`` sums) is right for plain
+    tensors but not for quantized ones: a torchao tensor reports its logical dtype (float32)
+    while it stores int8 data plus scales in inner tensors, and bitsandbytes keeps each weight's
+    scales in a ``quant_state`` (4-bit: absmax, codebook, nested state) or ``SCB`` (int8: one
+    scale per output row) attribute that is neither parameter nor buffer.
+    """
+    import torch
+
+    if _is_tensor_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            inner = getattr(t, name, None)
+            if inner is not None:
+                yield from _stored_tensors(inner)
+        return
+    yield t
+    state = getattr(t, "quant_state", None)
+    if state is not None:
+        yield from (v for v in state.as_dict(packed=False).values() if torch.is_tensor(v))
+    scb = getattr(t, "SCB", None)
+    if torch.is_tensor(scb):
+        yield scb
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers in memory, quantization state included, each
+    stored tensor once (tied weights, shared codebooks); equal to ``model.get_memory_footprint()``
+    for an unquantized model."""
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():  # bitsandbytes int8 moves a weight's SCB into module.state at its first matmul
+        state = getattr(module, "state", None)
+        if type(state).__name__ == "MatmulLtState":
+            tensors += [v for v in vars(state).values() if torch.is_tensor(v)]
+    seen: set[tuple] = set()
+    total = 0
+    for t in tensors:
+        for stored in _stored_tensors(t):
+            key = (stored.data_ptr(), stored.numel(), stored.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += stored.numel() * stored.element_size()
+    return total
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    return sorted({p for pattern in WEIGHT_FILES for p in Path(model_dir).glob(pattern)})
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    """Bytes on disk of a model dir's weights files (model*.safetensors, pytorch_model*.bin)."""
+    return sum(p.stat().st_size for p in weight_files(model_dir))
+
+
+def is_full_model_dir(path: str | Path) -> bool:
+    """A local dir holding a whole model's weights (not a peft adapter, not a hub id)."""
+    path = Path(path)
+    return (path.is_dir() and (path / "config.json").is_file() and not (path / "adapter_config.json").exists()
+            and bool(weight_files(path)))
+
+
+def describe_quantization(config: Any) -> str | None:
+    """``bitsandbytes nf4``, ``torchao Int8WeightOnlyConfig``, ... for a quantization_config
+    (dict or transformers object); None for none."""
+    if config is None:
+        return None
+    qc = config if isinstance(config, dict) else config.to_dict()
+    method = qc.get("quant_method", "unknown")
+    method = str(getattr(method, "value", method))  # a QuantizationMethod enum in the object's to_dict
+    if qc.get("load_in_4bit"):
+        return f"{method} {qc.get('bnb_4bit_quant_type', '4-bit')}"
+    if qc.get("load_in_8bit"):
+        return f"{method} int8"
+    quant_type = qc.get("quant_type")
+    if isinstance(quant_type, dict):
+        inner = quant_type.get("default", quant_type)
+        return f"{method} {inner.get('_type', '')}".strip() if isinstance(inner, dict) else method
+    return method
+
+
+def dir_quantization(path: str | Path) -> str | None:
+    """The quantization a local model dir was saved with (from its config.json), or None."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return describe_quantization(json.loads(config.read_text()).get("quantization_config"))
+    except ValueError:  # a malformed config.json is reported by the loader
+        return None
+
+
+def model_quantization(model) -> str | None:
+    """The quantization a loaded model carries (its config's quantization_config), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    described = describe_quantization(getattr(base.config, "quantization_config", None))
+    if described is None and quantized_layers(base):
+        return ", ".join(quantized_layers(base))
+    return described
+
+
+def speed_prompts(tokenizer, n: int) -> list[str]:
+    """The first ``n`` held-out prompts of builtin:arithmetic's test split, rendered for the model."""
+    from polmctl.data import format_prompt, load_rows
+    from polmctl.evals.arithmetic import prompt_of
+
+    return [format_prompt(prompt_of(r), tokenizer) for r in load_rows("builtin:arithmetic", "test", max_rows=n)]
+
+
+def generation_speed(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """Greedy generation of ``prompts``: new tokens (each row up to its end-of-sequence token),
+    seconds, tokens/s, and the completions' token ids (to compare before and after)."""
+    import torch
+
+    from polmctl.rollout import generate
+
+    device = next(model.parameters()).device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # Warm-up: one-time costs (kernel selection, allocator growth) stay out of the timing.
+    generate(model, tokenizer, prompts[:1], max_new_tokens=2, batch_size=1, decode=False)
+    sync()
+    started = time.perf_counter()
+    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           decode=False)
+    sync()
+    seconds = time.perf_counter() - started
+    tokens = sum(len(c) for c in completions)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "completions": completions}
+
+
+def ratio(after: float | None, before: float | None) -> float | None:
+    return after / before if after is not None and before else None

@@ -1,0 +1,268 @@
+"""Who samples the rollouts of online RL: transformers (any device) or a colocated vLLM (CUDA).
+
+    polmctl run recipe=grpo method.generation_backend=vllm       # pip install 'polmctl[vllm]'
+
+A backend turns G-fold sampling of a batch of prompts into new token ids:
+
+    backend = make_backend(method)              # method: a SamplingOptions (temperature, top_p, ...)
+    ids = backend.sample(model, tokenizer, prompts, G, method)
+    # len(ids) == len(prompts) * G; ids[p * G : (p + 1) * G] are prompt p's samples
+
+Each completion holds the new tokens up to and including the end-of-sequence token, or up to
+and including the token that completes the first of ``options.stop`` (polmctl.rollout.generate
+explains how stop strings are matched); nothing after it, no padding.
+
+``TransformersBackend`` prefills each prompt once and lets its G samples share that KV cache;
+``VLLMBackend`` runs vLLM in the training process and copies the policy's weights into it
+before every sampling call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Protocol, Sequence
+
+import torch
+
+from polmctl.engine.errors import TrainingError
+from polmctl.rollout.generate import (_decode_without_cache, _prompt_learning, cut_completion, generation_mode,
+                                      stop_criteria)
+
+VLLM_MISSING = ("method.generation_backend=vllm: vLLM is not installed; install it with "
+                "pip install 'polmctl[vllm]' (CUDA only), or use method.generation_backend=transformers")
+VLLM_NO_CUDA = ("method.generation_backend=vllm: vLLM needs a CUDA GPU and none is available; "
+                "use method.generation_backend=transformers")
+
+
+class GenerationBackend(Protocol):
+    def sample(self, model, tokenizer, prompts: list[str], samples_per_prompt: int, options) -> list[list[int]]:
+        """``samples_per_prompt`` sampled completions of each prompt, grouped: a prompt's samples
+        are consecutive. ``options`` carries temperature, top_p, max_new_tokens and stop."""
+        ...
+
+
+def make_backend(options) -> GenerationBackend:
+    """The backend ``options.generation_backend`` names (transformers when it names none)."""
+    name = getattr(options, "generation_backend", "transformers")
+    if name == "transformers":
+        return TransformersBackend()
+    if name == "vllm":
+        return VLLMBackend(gpu_memory_utilization=getattr(options, "vllm_gpu_memory_utilization", 0.3))
+    raise TrainingError(f"method.generation_backend: got {name!r}; allowed: transformers, vllm")
+
+
+def _stop(options) -> list[str]:
+    return list(getattr(options, "stop", None) or [])
+
+
+# -- transformers ---------------------------------------------------------------------------------
+
+def _forward_parameters(model) -> set[str]:
+    """The keyword names the underlying transformers model's forward takes (through a peft wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _cache_keyword(model) -> str:
+    # transformers 5.x renamed past_key_values to cache (5.24 accepts both, warning on the old name).
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def generate_groups(model, tokenizer, prompts: Sequence[str], samples_per_prompt: int, *, share_prefill: bool = True,
+                    stop: Sequence[str] = (), **generate_kwargs):
+    """One ``model.generate`` call on every prompt repeated ``samples_per_prompt`` times
+    (grouped), returning what it returns and the prompt width (the new tokens start there).
+
+    With ``share_prefill``, each distinct prompt is prefilled once: all but its last token run
+    through the model into a KV cache (left-padded batch, positions counted from the first real
+    token as ``generate`` counts them), the cache is repeated G times along the batch, and
+    ``generate`` gets the full repeated prompts with that cache, so it forwards only each row's
+    last prompt token before decoding. Without it, every row prefills its own copy of the
+    prompt. Both give the same tokens and scores (tests/unit/test_generation_backends.py).
+    The model must be in eval mode and the tokenizer left-padding (``generation_mode``), and
+    must not carry a prompt-learning adapter (their ``generate`` is wrong; see generate.py).
+    """
+    from transformers import DynamicCache
+
+    G = samples_per_prompt
+    device = next(p for p in model.parameters()).device
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    width = ids.shape[1]
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, "stopping_criteria": stop_criteria(tokenizer, stop, width),
+              **generate_kwargs}
+    # generate refuses a cache object next to a configured cache_implementation (static caches...).
+    share = share_prefill and G > 1 and width > 1 and not getattr(model.generation_config, "cache_implementation", None)
+    if share:
+        cache_keyword = _cache_keyword(model)
+        cache = DynamicCache(config=model.config)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        prefill = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+              **{cache_keyword: cache}, **prefill)
+        cache.batch_repeat_interleave(G)
+        kwargs[cache_keyword] = cache
+    out = model.generate(input_ids=ids.repeat_interleave(G, dim=0), attention_mask=mask.repeat_interleave(G, dim=0),
+                         **kwargs)
+    return out, width
+
+
+class TransformersBackend:
+    """Sampling with ``model.generate``, one prefill per distinct prompt shared by its G samples.
+
+    ``batch_size`` caps the prompts (not completions) per ``generate`` call; None: all at once,
+    as a rollout batch is sized to fit training anyway.
+    """
+
+    def __init__(self, *, share_prefill: bool = True, batch_size: int | None = None):
+        self.share_prefill = share_prefill
+        self.batch_size = batch_size
+
+    def sample(self, model, tokenizer, prompts: list[str], samples_per_prompt: int, options) -> list[list[int]]:
+        return self.generate(model, tokenizer, prompts, samples_per_prompt, max_new_tokens=options.max_new_tokens,
+                             do_sample=True, temperature=options.temperature, top_p=options.top_p,
+                             top_k=getattr(options, "top_k", 0),
+                             stop=_stop(options))
+
+    @torch.no_grad()
+    def generate(self, model, tokenizer, prompts: Sequence[str], samples_per_prompt: int = 1, *, max_new_tokens: int,
+                 do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 stop: Sequence[str] = ()) -> list[list[int]]:
+        """Like ``sample`` with every knob explicit (``do_sample=False``: greedy)."""
+        G, stop = samples_per_prompt, list(stop)
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+        new_tokens: list[list[int]] = []
+        with generation_mode(model, tokenizer) as device:
+            if _prompt_learning(model):
+                # Prompt and prefix tuning decode without a KV cache (see _decode_without_cache), so
+                # there is no prefill to share: every sample runs its own full forward passes.
+                expanded = [p for p in prompts for _ in range(G)]
+                return _decode_without_cache(model, tokenizer, expanded, max_new_tokens, len(expanded), device,
+                                             do_sample, temperature, top_p, stop, top_k)
+            size = self.batch_size or max(len(prompts), 1)
+            for i in range(0, len(prompts), size):
+                out, width = generate_groups(model, tokenizer, prompts[i : i + size], G,
+                                             share_prefill=self.share_prefill, stop=stop,
+                                             max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
+                new_tokens += [cut_completion(row.tolist(), tokenizer, stop) for row in out[:, width:]]
+        return new_tokens
+
+
+# -- vLLM -----------------------------------------------------------------------------------------
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise TrainingError(VLLM_MISSING) from None
+    return vllm
+
+
+class VLLMBackend:
+    """A vLLM engine in the training process, sharing its GPU ("colocate", as TRL's
+    ``vllm_mode="colocate"``), refreshed with the policy's current weights before each call.
+
+    The engine starts on the first ``sample`` from the policy's own model dir (a LoRA policy:
+    its base model's) and keeps ``gpu_memory_utilization`` of the GPU for its weights and KV
+    cache; the rest stays with training. vLLM caches prompt prefixes itself, so a prompt's G
+    samples share their prefill here too. Not for quantized policies or prompt-learning adapters.
+    """
+
+    def __init__(self, *, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None):
+        self.vllm = _import_vllm()
+        if not torch.cuda.is_available():
+            raise TrainingError(VLLM_NO_CUDA)
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.llm = None
+
+    def sample(self, model, tokenizer, prompts: list[str], samples_per_prompt: int, options) -> list[list[int]]:
+        model = _unwrap(model)
+        if _prompt_learning(model):
+            raise TrainingError("method.generation_backend=vllm cannot sample from prompt or prefix tuning "
+                                "adapters; use method.generation_backend=transformers")
+        if self.llm is None:
+            self.llm = self._start(model)
+        self._load_weights(model)
+        stop = _stop(options)
+        top_k = getattr(options, "top_k", 0)
+        params = self.vllm.SamplingParams(n=samples_per_prompt, temperature=options.temperature, top_p=options.top_p,
+                                          top_k=top_k if top_k > 0 else -1,  # -1: vLLM's "off"
+                                          max_tokens=options.max_new_tokens, stop=stop or None,
+                                          include_stop_str_in_output=True)
+        # Token ids, not text: vLLM would tokenize text with special tokens (a BOS) that training never sees.
+        requests = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)  # in request order
+        eos, completions = tokenizer.eos_token_id, []
+        for request in outputs:
+            for sample in sorted(request.outputs, key=lambda o: o.index):
+                tokens = list(sample.token_ids)
+                # finish_reason "stop" with stop_reason None: it ended on EOS, which the ids must hold.
+                if sample.finish_reason == "stop" and sample.stop_reason is None and tokens[-1:] != [eos]:
+                    tokens.append(eos)
+                completions.append(cut_completion(tokens, tokenizer, stop))
+        return completions
+
+    def _start(self, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(base, "hf_quantizer", None) is not None or getattr(base, "is_quantized", False):
+            raise TrainingError("method.generation_backend=vllm cannot take weights from a quantized policy "
+                                "(model.quantization); use method.generation_backend=transformers")
+        path = getattr(base.config, "_name_or_path", "") or getattr(base, "name_or_path", "")
+        if not path:
+            raise TrainingError("method.generation_backend=vllm needs the policy's model dir to start vLLM from, "
+                                "and this model has none; use method.generation_backend=transformers")
+        # The external launcher runs vLLM's engine and its one worker in this process (TRL's
+        # colocate mode); it needs in-process engine core and torch.distributed's env:// variables,
+        # which accelerate/torchrun set when they launched us and which default to one process here.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost")):
+            os.environ.setdefault(name, value)
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return self.vllm.LLM(model=path, dtype=dtype, gpu_memory_utilization=self.gpu_memory_utilization,
+                             max_model_len=self.max_model_len, distributed_executor_backend="external_launcher",
+                             seed=int(torch.initial_seed() % 2**31), enable_prefix_caching=True,
+                             # vLLM v1's memory profiler misjudges the default (TRL sets the same)
+                             max_num_batched_tokens=4096)
+
+    @torch.no_grad()
+    def _load_weights(self, model) -> None:
+        """Copy the policy's weights into the engine, as TRL's ``_move_model_to_vllm`` does
+        (huggingface/trl trl/trainer/grpo_trainer.py @ d2b69d769dab6f77acbfd33252bcd7d22765571b;
+        VLLMGeneration.sync_weights in trl/generation/vllm_generation.py @
+        02bf6bcd3be58d928edd67b7a227235c6b599ee2): a LoRA policy is merged into its base weights,
+        sent under the base model's names (peft's ``base_model.model.`` prefix and ``.base_layer``
+        removed, the lora_ tensors skipped), then unmerged; then vLLM's prefix cache is reset, as
+        the cached prompt states belong to the old weights."""
+        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
+        if peft:
+            model.merge_adapter()
+        try:
+            for name, param in model.named_parameters():
+                name = name.replace("_checkpoint_wrapped_module.", "")
+                if peft:
+                    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                    if model.prefix in name or "original_module" in name:  # prefix: "lora_"
+                        continue
+                    name = name.replace("modules_to_save.default.", "")
+                engine_model.load_weights([(name, param.data)])
+        finally:
+            if peft:
+                model.unmerge_adapter()
+        self.llm.reset_prefix_cache()
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

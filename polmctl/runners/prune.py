@@ -1,0 +1,171 @@
+"""The prune runner: load -> evaluate -> calibrate -> prune -> save -> evaluate. No training.
+
+    polmctl run recipe=prune                                     # Wanda, 50% of every decoder Linear
+    polmctl run recipe=prune method.criterion=nm                 # 2:4 semi-structured
+    polmctl run recipe=prune method.criterion=depth method.layer_fraction=0.25
+
+Writes into the run dir: final/ (loads with from_pretrained; pruned weights are stored as
+zeros, dropped layers are gone from the weights and the config), eval/*.jsonl and
+summary.json: the zero fraction of every pruned tensor and overall, the layers dropped with
+their Block Influence, parameters before/after, perplexity on the calibration rows and the
+run's eval tasks before/after. To fine-tune the result and keep its zeros, see
+``polmctl.compress.sparsity``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from polmctl.compress import prune as P
+from polmctl.config.schema import ConfigError, RunConfig
+from polmctl.data import encode_dataset, load_rows, pad_collate
+from polmctl.engine.metrics import peak_memory_mb, write_json
+from polmctl.engine.progress import console, summary_table
+from polmctl.evals import evaluate_run
+from polmctl.models import ModelError, is_reward_model, load_model, load_tokenizer, save_model
+
+
+def run_prune(cfg: RunConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    m = cfg.method
+    _check_config(cfg)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+
+    # Data first: a bad file or column fails here, before any model weights load.
+    tokenizer = load_tokenizer(cfg.model)
+    batches, n_rows = _calibration_batches(cfg, tokenizer)
+    model = _plain_model(load_model(cfg.model, device=_device(cfg), for_training=False,
+                                    pad_token_id=tokenizer.pad_token_id))
+    P.check_prunable(model)
+    layers_before = len(P.decoder_layers(model))
+    params_before = P.count_parameters(model)
+    k = P.layers_to_drop(layers_before, m.num_layers_to_drop, m.layer_fraction) if m.criterion == "depth" else 0
+    linears = P.prunable_linears(model, m.modules) if m.criterion != "depth" else {}
+
+    before = evaluate_run(cfg, model, tokenizer, run_dir, "before") if cfg.eval.before else None
+    needs_norms = m.criterion == "wanda" or (m.criterion == "nm" and m.nm_score == "wanda")
+    prune_started = time.perf_counter()
+    with console.status(f"calibrating on {n_rows} rows of {cfg.data.source}"):
+        cal = P.calibrate(model, batches, linears=linears if needs_norms else None,
+                          layer_importance=m.criterion == "depth")
+    dropped: list[dict[str, Any]] = []
+    achieved: dict[str, float] = {}
+    if m.criterion == "depth":
+        drop = P.least_important(cal.layer_importance, k)
+        P.drop_layers(model, drop)
+        dropped = [{"index": i, "importance": cal.layer_importance[i]} for i in drop]
+    else:
+        achieved = P.prune_linears(linears, criterion=m.criterion, sparsity=m.sparsity, n=m.nm_n, m=m.nm_m,
+                                   nm_score=m.nm_score, act_norms=cal.act_norms)
+    prune_time = time.perf_counter() - prune_started
+    with console.status("perplexity of the pruned model on the calibration rows"):
+        cal_after = P.calibrate(model, batches)
+    save_model(model, tokenizer, run_dir / "final")
+    after = evaluate_run(cfg, model, tokenizer, run_dir, "after")
+
+    pruned = {name: module.weight for name, module in linears.items()}
+    zeros = sum(int((w == 0).sum()) for w in pruned.values())
+    total = sum(w.numel() for w in pruned.values())
+    summary = {
+        "recipe": cfg.recipe.name, "model": cfg.model.name_or_path, "run_dir": str(run_dir), "status": "completed",
+        "criterion": m.criterion,
+        "sparsity": None if m.criterion == "depth" else {
+            "requested": (m.nm_m - m.nm_n) / m.nm_m if m.criterion == "nm" else m.sparsity,
+            "pattern": f"{m.nm_n}:{m.nm_m}" if m.criterion == "nm" else "unstructured",
+            "score": m.nm_score if m.criterion == "nm" else m.criterion,
+            "overall": zeros / max(total, 1), "per_tensor": achieved},
+        "layers": {"before": layers_before, "after": len(P.decoder_layers(model)), "dropped": dropped,
+                   "importance": cal.layer_importance or None},
+        "params": {"before": params_before, "after": P.count_parameters(model),
+                   "nonzero_after": sum(int((p != 0).sum()) for p in {id(p): p for p in model.parameters()}.values())},
+        "calibration": {"source": cfg.data.source, "rows": n_rows, "tokens": cal.tokens,
+                        "perplexity_before": cal.perplexity, "perplexity_after": cal_after.perplexity},
+        "eval": {"before": before, "after": after},
+        "prune_time_s": prune_time, "wall_time_s": time.perf_counter() - started,
+        "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
+    }
+    write_json(run_dir / "summary.json", summary)
+    console.print(summary_table(f"{cfg.recipe.name} summary ({m.criterion})", _table_rows(summary)))
+    console.print(f"run dir: {run_dir}", highlight=False, soft_wrap=True)
+    return summary
+
+
+def _check_config(cfg: RunConfig) -> None:
+    """What the method schema cannot see: the rest of the run must fit a one-shot prune."""
+    if cfg.method.objective != "prune":
+        raise ConfigError("method.objective", f"runner=prune needs method=prune, got {cfg.method.objective!r}")
+    if cfg.model.quantization != "none":
+        raise ConfigError("model.quantization", f"pruning needs full-precision weights, got "
+                                                f"{cfg.model.quantization!r}; use model.quantization=none "
+                                                "(quantize the pruned model afterwards)")
+    if cfg.peft.method != "none":
+        raise ConfigError("peft.method", f"pruning trains no adapters, got {cfg.peft.method!r}; use peft=none")
+
+
+def _plain_model(model):
+    """A reward model cannot be pruned for language modelling; a LoRA adapter dir is merged first."""
+    if is_reward_model(model):
+        raise ModelError("model.name_or_path holds a reward model (a score head, no LM head); prune a causal LM")
+    if hasattr(model, "merge_and_unload"):
+        peft_type = getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type)
+        if peft_type != "LORA":
+            raise ModelError(f"model.name_or_path holds a {peft_type} adapter, which does not merge into the weights; "
+                             "prune the base model instead")
+        console.print("[bold]model[/] a LoRA adapter dir: the adapter is merged into the base weights before pruning")
+        model = model.merge_and_unload()
+    return model
+
+
+def _calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
+    """``method.calibration_rows`` rows of the run's data, every token labelled, in padded batches."""
+    m = cfg.method
+    rows = load_rows(cfg.data.source, cfg.data.split, max_rows=m.calibration_rows,
+                     options=dict(cfg.data.options) or None, hub_config=cfg.data.hub_config)
+    # Preference rows calibrate on prompt + chosen answer.
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} if "chosen" in r and "completion" not in r else r
+            for r in rows]
+    examples, _ = encode_dataset(rows, tokenizer, source=cfg.data.source, fmt=cfg.data.format,
+                                 max_length=cfg.data.max_length, completion_only_loss=False, overlong="truncate")
+    bs = m.calibration_batch_size
+    batches = [pad_collate(examples[i : i + bs], tokenizer.pad_token_id) for i in range(0, len(examples), bs)]
+    return batches, len(examples)
+
+
+def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    rows: dict[str, Any] = {"criterion": summary["criterion"]}
+    sparsity = summary["sparsity"]
+    if sparsity:
+        rows["sparsity requested"] = sparsity["requested"]
+        rows["sparsity achieved"] = sparsity["overall"]
+        rows["pruned tensors"] = len(sparsity["per_tensor"])
+    layers = summary["layers"]
+    if layers["dropped"]:
+        rows["layers before -> after"] = f"{layers['before']} -> {layers['after']}"
+        rows["layers dropped (BI)"] = ", ".join(f"{d['index']} ({d['importance']:.3g})" for d in layers["dropped"])
+    params = summary["params"]
+    rows["params before -> after"] = f"{params['before']:,} -> {params['after']:,}"
+    rows["non-zero params after"] = f"{params['nonzero_after']:,}"
+    cal = summary["calibration"]
+    rows["calibration ppl before -> after"] = f"{cal['perplexity_before']:.4g} -> {cal['perplexity_after']:.4g}"
+    for tag in ("before", "after"):
+        for task, metrics in (summary["eval"][tag] or {}).items():
+            for name, value in metrics.items():
+                if name != "n":
+                    rows[f"{task}/{name} ({tag})"] = value
+    rows["prune_time_s"] = summary["prune_time_s"]
+    rows["wall_time_s"] = summary["wall_time_s"]
+    return rows
+
+
+def _device(cfg: RunConfig) -> str:
+    import torch
+
+    if cfg.trainer.device != "auto":
+        return cfg.trainer.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
