@@ -22,8 +22,8 @@ The rollout itself lives in polmctl/rollout/online.py; the losses in policy_grad
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,15 +32,12 @@ from polmctl.data.errors import DataError
 from polmctl.objectives import policy_gradient as pg
 from polmctl.objectives.base import LossTerms, policy_forward
 from polmctl.objectives.pairwise import _help
-from polmctl.rollout.sampling import SamplingOptions
+from polmctl.rollout.sampling import ScoredSamplingOptions
 
 
 @dataclass
-class GRPOMethod(SamplingOptions):
+class GRPOMethod(ScoredSamplingOptions):
     objective: str = _help("grpo", "grpo: online RL on group-relative advantages (GRPO, Dr. GRPO, DAPO, RLOO)")
-    rewards: List[Any] = field(default_factory=lambda: ["math_answer"], metadata={
-        "help": "reward functions: registry names (math_answer, format, length_penalty, reward_model) or "
-                "{name|_target_, weight, kwargs} specs; their weighted sum is the reward"})
     num_generations: int = _help(4, "completions sampled per prompt (the group size G)")
     loss_type: str = _help("grpo", "grpo (per-sequence mean) | dr_grpo (constant normaliser) | dapo (token mean) | bnpo")
     scale_rewards: str = _help("std", "std: divide advantages by the group's reward std | none (Dr. GRPO)")
@@ -64,8 +61,6 @@ class GRPOMethod(SamplingOptions):
             positive(section, name, getattr(self, name))
         for name in ("epsilon_low", "epsilon_high", "beta"):
             positive(section, name, getattr(self, name), zero_ok=True)
-        if not self.rewards:
-            raise ConfigError(f"{section}.rewards", "needs at least one reward function, e.g. [math_answer]")
 
 
 class GRPOObjective:

@@ -27,7 +27,7 @@ with it, and is saved apart from the policy as final/value_head.safetensors. The
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any
 
 import torch
 
@@ -35,15 +35,12 @@ from polmctl.config.schema import ConfigError, _f, positive
 from polmctl.objectives import policy_gradient as pg
 from polmctl.objectives.base import LossTerms, policy_forward
 from polmctl.objectives.online import prompt_rows
-from polmctl.rollout.sampling import SamplingOptions
+from polmctl.rollout.sampling import ScoredSamplingOptions
 
 
 @dataclass
-class PPOMethod(SamplingOptions):
+class PPOMethod(ScoredSamplingOptions):
     objective: str = _f("ppo", "ppo: RLHF with a value head, GAE and a KL penalty folded into the reward")
-    rewards: List[Any] = _f(["math_answer"], "reward functions or a reward model: registry names (math_answer, "
-                                             "format, length_penalty, reward_model) or {name|_target_, weight, ...} "
-                                             "specs; their weighted sum scores each completion")
     num_generations: int = _f(1, "completions sampled per prompt (each is scored on its own)")
     kl_coef: float = _f(0.05, "weight of the per-token KL penalty to the reference in the reward (0: no reference)")
     gamma: float = _f(1.0, "discount factor of GAE")
@@ -64,9 +61,6 @@ class PPOMethod(SamplingOptions):
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{section}.{name}", f"must be in [0, 1], got {getattr(self, name)!r}")
-        if not self.rewards:
-            raise ConfigError(f"{section}.rewards", "needs at least one reward function or reward model, "
-                                                    "e.g. [math_answer]")
 
 
 class PPOObjective:

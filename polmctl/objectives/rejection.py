@@ -15,21 +15,19 @@ Features and the flag that controls each:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List
+from dataclasses import dataclass
+from typing import Any
 
-from polmctl.config.schema import ConfigError, positive
+from polmctl.config.schema import positive
 from polmctl.objectives.online import prompt_rows
 from polmctl.objectives.pairwise import _help
 from polmctl.objectives.sft import SFTMethod, SFTObjective
-from polmctl.rollout.sampling import SamplingOptions
+from polmctl.rollout.sampling import ScoredSamplingOptions
 
 
 @dataclass
-class RejectionSamplingMethod(SamplingOptions):
+class RejectionSamplingMethod(ScoredSamplingOptions):
     objective: str = _help("rejection_sampling", "rejection_sampling: SFT on the model's own accepted samples")
-    rewards: List[Any] = field(default_factory=lambda: ["math_answer"], metadata={
-        "help": "reward functions (as for grpo); their weighted sum decides acceptance"})
     threshold: float = _help(1.0, "a sample is accepted when its reward is at least this")
     num_samples: int = _help(4, "answers sampled per prompt")
     max_per_prompt: int = _help(1, "accepted answers kept per prompt (distinct, highest reward first)")
@@ -38,12 +36,9 @@ class RejectionSamplingMethod(SamplingOptions):
     max_empty_rounds: int = _help(3, "rounds in a row with nothing accepted before the run stops")
 
     def check(self, section: str) -> None:
-        for name in ("num_samples", "max_per_prompt", "prompts_per_round", "steps_per_round", "max_empty_rounds",
-):
+        for name in ("num_samples", "max_per_prompt", "prompts_per_round", "steps_per_round", "max_empty_rounds"):
             positive(section, name, getattr(self, name))
-        self.check_sampling(section)
-        if not self.rewards:
-            raise ConfigError(f"{section}.rewards", "needs at least one reward function, e.g. [math_answer]")
+        self.check_sampling(section)  # acceptance: the rewards' weighted sum >= method.threshold
 
 
 class RejectionSamplingObjective(SFTObjective):

@@ -9,7 +9,7 @@ every recipe, and ``rollout.online.sample_and_score`` reads them from there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List
 
 from polmctl.config.schema import ConfigError, _f, one_of, positive
 
@@ -41,3 +41,18 @@ class SamplingOptions:
         if not 0 < self.vllm_gpu_memory_utilization < 1:
             raise ConfigError(f"{section}.vllm_gpu_memory_utilization",
                               f"must be in (0, 1), got {self.vllm_gpu_memory_utilization!r}")
+
+
+@dataclass
+class ScoredSamplingOptions(SamplingOptions):
+    """Sampling whose samples a reward scores (grpo, rloo, rejection_sampling, ppo)."""
+
+    rewards: List[Any] = _f(["math_answer"], "reward functions: registry names (math_answer, format, "
+                                             "length_penalty, reward_model) or {name|_target_, weight, ...} specs; "
+                                             "their weighted sum is the reward")
+
+    def check_sampling(self, section: str) -> None:
+        super().check_sampling(section)
+        if not self.rewards:
+            raise ConfigError(f"{section}.rewards", "needs at least one reward function or reward model, "
+                                                    "e.g. [math_answer]")
