@@ -8,7 +8,9 @@ each error naming the full key path and what is allowed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
@@ -80,7 +82,7 @@ def validate(cfg: DictConfig) -> RunConfig:
                                               "(set it, or use a recipe that does, e.g. recipe=prune)")
     if run.runner in METHOD_SCHEMAS and objective != run.runner:  # prune, quantize: the method is the runner's
         raise ConfigError("method.objective", f"runner={run.runner} reads method={run.runner}, got {objective!r}; "
-                                              f"use recipe={run.runner}")
+                                              f"use recipe={_recipe_for_runner(run.runner)}")
     if run.runner == "train":
         _check_eval_fits_model(run, objective)
     if run.resume not in (None, "auto") and not run.resume:
@@ -92,3 +94,12 @@ def _check_eval_fits_model(run: RunConfig, objective: str) -> None:
     from polmctl.evals import check_tasks_fit
 
     check_tasks_fit(run.eval.tasks, objective == "reward_model", f"what method.objective={objective} trains")
+
+
+def _recipe_for_runner(runner: str) -> str:
+    """The recipe file that sets ``runner: <runner>`` (vlm -> vlm_adapter), for error messages."""
+    recipes = Path(__file__).parent.parent / "conf" / "recipe"
+    for path in sorted(recipes.glob("*.yaml")):
+        if re.search(rf"^runner:\s*{re.escape(runner)}\s*$", path.read_text(), re.MULTILINE):
+            return path.stem
+    return runner

@@ -8,12 +8,15 @@ next to summary.json so a person can see what the model answered.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from polmctl.config.schema import DataConfig, EvalConfig
 from polmctl.data import load_rows
+from polmctl.data.builtin.reversal import extract_reversal_answer
 from polmctl.evals.arithmetic import exact_match
+from polmctl.evals.lm_eval import is_lm_eval_task, run_lm_eval
 from polmctl.evals.perplexity import perplexity
 from polmctl.evals.preference import preference_accuracy
 from polmctl.evals.reward import reward_accuracy
@@ -22,6 +25,8 @@ from polmctl.evals.reward import reward_accuracy
 EVAL_TASKS = {
     "arithmetic": ("builtin:arithmetic", lambda m, t, rows, cfg: exact_match(
         m, t, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)),
+    "reversal": ("builtin:reversal", lambda m, t, rows, cfg: exact_match(
+        m, t, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, extract=extract_reversal_answer)),
     "perplexity": ("builtin:domain_text", lambda m, t, rows, cfg: perplexity(m, t, rows, batch_size=cfg.batch_size)),
     "preference": ("builtin:arithmetic_preference", lambda m, t, rows, cfg: preference_accuracy(
         m, t, rows, batch_size=cfg.batch_size)),
@@ -37,7 +42,8 @@ def check_tasks_fit(tasks: list[str], reward_model: bool, what: str) -> None:
 
     for i, task in enumerate(tasks):
         if reward_model != (task in REWARD_MODEL_TASKS):
-            fix = "eval.tasks=[reward]" if reward_model else "an LM task (arithmetic, perplexity, preference)"
+            lm_tasks = ", ".join(t for t in EVAL_TASKS if t not in REWARD_MODEL_TASKS)
+            fix = "eval.tasks=[reward]" if reward_model else f"an LM task ({lm_tasks})"
             raise ConfigError(f"eval.tasks[{i}]", f"{task!r} cannot evaluate {what}; use {fix}")
 
 
@@ -58,11 +64,15 @@ def run_evals(model, tokenizer, cfg: EvalConfig, data: DataConfig, out_dir: Path
     check_tasks_fit(cfg.tasks, reward_model, "a reward model" if reward_model else "a language model")
     results = {}
     for task in cfg.tasks:
-        result = EVAL_TASKS[task][1](model, tokenizer, eval_rows(task, cfg, data), cfg)
+        if is_lm_eval_task(task):
+            result = run_lm_eval(model, tokenizer, task, cfg)
+        else:
+            result = EVAL_TASKS[task][1](model, tokenizer, eval_rows(task, cfg, data), cfg)
         results[task] = result["metrics"]
         if out_dir is not None and result["samples"]:
             out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"{task}{'-' + tag if tag else ''}.jsonl"
+            stem = re.sub(r"[^\w.-]+", "_", task)  # lm_eval:path/to/task.yaml -> lm_eval_path_to_task.yaml
+            path = out_dir / f"{stem}{'-' + tag if tag else ''}.jsonl"
             path.write_text("".join(json.dumps(s) + "\n" for s in result["samples"]))
     return results
 

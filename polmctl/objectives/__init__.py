@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from polmctl.compress.config import PruneMethod
 from polmctl.compress.quantize import QuantizeMethod
+from polmctl.merge.config import MergeMethod
 from polmctl.objectives.base import LossTerms, Objective
 from polmctl.objectives.distill import DistillMethod, DistillObjective
 from polmctl.objectives.online import GRPOMethod, GRPOObjective
@@ -20,12 +21,14 @@ from polmctl.objectives.reward import RewardMethod, RewardObjective
 from polmctl.objectives.sft import SFTMethod, SFTObjective
 from polmctl.objectives.unpaired import KTOMethod, KTOObjective
 from polmctl.pipeline import PipelineMethod
+from polmctl.multimodal.config import VlmMethod
 
 METHOD_SCHEMAS: dict[str, type] = {"sft": SFTMethod, "dpo": DPOMethod, "simpo": SimPOMethod, "cpo": CPOMethod,
                                    "orpo": ORPOMethod, "kto": KTOMethod, "reward_model": RewardMethod,
                                    "grpo": GRPOMethod, "rejection_sampling": RejectionSamplingMethod,
                                    "ppo": PPOMethod, "prune": PruneMethod, "distill": DistillMethod,
-                                   "quantize": QuantizeMethod, "pipeline": PipelineMethod}
+                                   "quantize": QuantizeMethod, "pipeline": PipelineMethod, "vlm": VlmMethod,
+                                   "merge": MergeMethod}
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"sft": SFTObjective, "dpo": PairwiseObjective,
                                                     "simpo": PairwiseObjective, "cpo": PairwiseObjective,
                                                     "orpo": PairwiseObjective, "kto": KTOObjective,

@@ -6,10 +6,12 @@ from typing import Any, Callable
 
 from polmctl.config.schema import RunConfig
 from polmctl.runners.evaluate import run_evaluate
+from polmctl.runners.merge import run_merge
 from polmctl.runners.pipeline import run_pipeline
 from polmctl.runners.prune import run_prune
 from polmctl.runners.quantize import run_quantize
 from polmctl.runners.train import run_train
+from polmctl.runners.vlm import run_vlm
 
 RUNNERS: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
     "train": run_train,
@@ -17,4 +19,6 @@ RUNNERS: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
     "prune": run_prune,
     "quantize": run_quantize,
     "pipeline": run_pipeline,
+    "vlm": run_vlm,
+    "merge": run_merge,
 }

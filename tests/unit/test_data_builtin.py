@@ -78,7 +78,7 @@ def test_default_sizes():
     sizes = {name: (len(gen(name, "train")), len(gen(name, "test"))) for name in BUILTIN_SOURCES}
     assert sizes == {"arithmetic": (2000, 200), "instructions": (1000, 100), "domain_text": (500, 100),
                      "arithmetic_preference": (2000, 200), "style_preference": (1000, 100),
-                     "arithmetic_feedback": (2000, 200)}
+                     "arithmetic_feedback": (2000, 200), "reversal": (2000, 200), "shapes": (2000, 200)}
 
 
 WORK = re.compile(r"^(\d+) ([-+x]) (\d+) = (\d+)\.$")

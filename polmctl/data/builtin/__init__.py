@@ -14,6 +14,8 @@ from polmctl.data.builtin.arithmetic import arithmetic
 from polmctl.data.builtin.domain_text import domain_text
 from polmctl.data.builtin.instructions import instructions
 from polmctl.data.builtin.preference import arithmetic_feedback, arithmetic_preference, style_preference
+from polmctl.data.builtin.shapes import shapes
+from polmctl.data.builtin.reversal import reversal
 
 BUILTIN_SOURCES: dict[str, Callable[..., list[dict]]] = {
     "arithmetic": arithmetic,
@@ -22,6 +24,8 @@ BUILTIN_SOURCES: dict[str, Callable[..., list[dict]]] = {
     "arithmetic_preference": arithmetic_preference,
     "style_preference": style_preference,
     "arithmetic_feedback": arithmetic_feedback,
+    "shapes": shapes,
+    "reversal": reversal,
 }
 
 __all__ = ["BUILTIN_SOURCES", "extract_answer"]
