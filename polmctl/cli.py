@@ -4,6 +4,10 @@
     polmctl recipes                                # every recipe, by paradigm
     polmctl show recipe=dpo method.beta=0.2        # the composed, validated config
     polmctl eval outputs/lora/2026-11-24/10-00-00  # evaluate a run or a model
+    polmctl runs                                   # every run, newest first (--json)
+    polmctl compare multirun/2026-11-25/10-00-00   # a sweep's metrics table and a PNG of loss over steps
+    polmctl chat outputs/lora/2026-11-24/10-00-00  # talk to a run's model (--prompt for one reply)
+    polmctl doctor                                 # versions, devices, bitsandbytes, builtin models, caches
 """
 
 from __future__ import annotations
@@ -119,13 +123,183 @@ def _run_eval_overrides(run_dir: Path) -> list[str]:
         return []
     from omegaconf import OmegaConf
 
-    run_eval = OmegaConf.load(saved).get("eval") or {}
+    run = OmegaConf.load(saved)
+    run_eval = run.get("eval") or {}
     out = []
+    if run.get("runner") == "vlm":  # a vision-language run is scored by its own runner, on its own data
+        out += ["recipe=vlm_adapter", "runner=vlm", "method.train=false", f"data.source={run.data.source}"]
     if run_eval.get("tasks"):
         out.append(f"eval.tasks=[{','.join(run_eval.tasks)}]")
     if run_eval.get("source"):
         out.append(f"eval.source={run_eval.source}")
     return out
+
+
+# -- runs, compare, chat, doctor ------------------------------------------------------------
+
+@app.command()
+def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="dirs to search (default: ./outputs and ./multirun)"),
+         as_json: bool = typer.Option(False, "--json", help="print the rows as JSON")) -> None:
+    """List runs, newest first: recipe, model, key overrides, status, steps, wall time, final metrics.
+
+    [bold]Examples[/]
+
+      polmctl runs\n
+      polmctl runs multirun/2026-11-25/10-00-00 --json
+    """
+    from polmctl.commands.runs import CommandError, collect_runs, run_roots, runs_json, runs_table
+
+    try:
+        roots = run_roots(dirs)
+    except CommandError as err:
+        _fail(str(err))
+    found = collect_runs(roots)
+    if as_json:
+        typer.echo(runs_json(found))
+    elif not found:
+        out.print(f"no runs under {', '.join(map(str, roots))} (a run dir holds .hydra/config.yaml)", highlight=False)
+    else:
+        out.print(runs_table(found, f"{len(found)} runs under {', '.join(map(str, roots))}  (newest first)"))
+
+
+@app.command()
+def compare(paths: List[Path] = typer.Argument(..., help="run dirs, or a sweep dir (every job in it)"),
+            metric: List[str] = typer.Option(["loss"], "--metric", "-m", help="a metrics.jsonl key to plot; repeat"),
+            out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="the PNG file (or dir) to write")) -> None:
+    """Compare runs: a metrics table and a PNG plot of metrics over steps (its path is printed).
+
+    [bold]Examples[/]
+
+      polmctl compare multirun/2026-11-25/10-00-00\n
+      polmctl compare outputs/sft/2026-11-25/10-00-00 outputs/lora/2026-11-25/11-00-00 --metric loss --metric grad_norm
+    """
+    from polmctl.commands.compare import compare as compare_runs
+    from polmctl.commands.runs import CommandError
+
+    try:
+        table, png = compare_runs(paths, metric, out_path)
+    except CommandError as err:
+        _fail(str(err))
+    out.print(table)
+    out.print(f"plot: {png}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def chat(model: str = typer.Argument(..., help="a run dir, a model dir, builtin:<name> or a hub id"),
+         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="send one message, print the reply, exit"),
+         system: Optional[str] = typer.Option(None, "--system", help="a system message that opens the conversation"),
+         max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="longest reply, in tokens"),
+         temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="sampling temperature; 0 is greedy"),
+         top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0, help="nucleus sampling mass"),
+         seed: Optional[int] = typer.Option(None, "--seed", help="seed the sampler (repeatable replies)"),
+         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")) -> None:
+    """Chat with a model or a finished run through its chat template, streaming the reply.
+
+    Type /reset to clear the conversation, /exit or Ctrl-D to quit.
+
+    [bold]Examples[/]
+
+      polmctl chat outputs/lora/2026-11-24/10-00-00\n
+      polmctl chat builtin:smollm2-135m --prompt "What is 12+7?" --temperature 0
+    """
+    from polmctl.commands.chat import ChatSettings, run_chat
+    from polmctl.commands.runs import CommandError
+    from polmctl.data import DataError
+    from polmctl.models import ModelError
+
+    settings = ChatSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system,
+                            device=device, seed=seed)
+    note = Console(stderr=True).print
+    try:
+        run_chat(model, settings, prompt, read=input, write=lambda text: typer.echo(text, nl=False),
+                 note=lambda text: note(text, style="dim", highlight=False, markup=False))
+    except (CommandError, DataError, ModelError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="print the checks as JSON")) -> None:
+    """Check the installation: library versions, devices, bitsandbytes, builtin models, caches.
+
+    Each check says OK, note or PROBLEM and how to fix it; only a PROBLEM exits non-zero.
+
+    [bold]Examples[/]
+
+      polmctl doctor
+
+      polmctl doctor --json
+    """
+    from polmctl.commands.doctor import PROBLEM, checks_json, doctor_table, run_checks
+
+    checks = run_checks()
+    problems = [c for c in checks if c.status == PROBLEM]
+    if as_json:
+        typer.echo(checks_json(checks))
+    else:
+        out.print(doctor_table(checks))
+    if problems:
+        _fail(f"{len(problems)} problem(s): " + "; ".join(f"{c.name}: {c.fix or c.detail}" for c in problems))
+
+
+
+# -- export, plan ------------------------------------------------------------------------------
+
+@app.command()
+def export(source: str = typer.Argument(..., help="a run dir, a checkpoints/step-N dir, a model dir, builtin:<name> "
+                                                  "or a hub id"),
+           out_path: Path = typer.Option(..., "--out", "-o", help="the model dir to write (a .gguf file for --format gguf)"),
+           fmt: str = typer.Option("hf", "--format", help="hf (safetensors model dir) | gguf (llama.cpp)"),
+           merge: bool = typer.Option(False, "--merge-adapters", help="merge a LoRA/DoRA adapter into the weights"),
+           dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: float32)"),
+           gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF weights: f32 | f16 | bf16 | q8_0"),
+           push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="also upload to this hub repo")) -> None:
+    """Export a run, a checkpoint or a model as a standalone model dir (safetensors + tokenizer + chat template) or
+    a GGUF file.
+
+    [bold]Examples[/]
+
+      polmctl export outputs/lora/2026-11-24/10-00-00 --merge-adapters --dtype bfloat16 --out exported/lora\n
+      polmctl export outputs/lora/2026-11-24/10-00-00/checkpoints/step-40 --merge-adapters --out exported/step-40\n
+      polmctl export outputs/lora/2026-11-24/10-00-00 --merge-adapters --format gguf --gguf-type q8_0 --out lora.gguf
+    """
+    from polmctl.commands.export import EXPORT_ERRORS, export as export_model
+    from polmctl.entry import quiet_libraries
+
+    quiet_libraries()
+    try:
+        result = export_model(source, out_path, fmt=fmt, merge=merge, dtype=dtype, gguf_type=gguf_type,
+                              push_to_hub=push_to_hub)
+    except EXPORT_ERRORS as err:
+        _fail(str(err))
+    table = Table(title=f"exported {source}", title_justify="left", show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    out.print(table)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def plan(ctx: typer.Context) -> None:
+    """Dry-run a recipe: compose and validate the config, load the tokenizer and data, and estimate memory per
+    process (weights, gradients, optimizer state, activations) against the device's free memory. Ends with FITS,
+    TIGHT or DOES NOT FIT (exit code 1); nothing trains.
+
+    [bold]Examples[/]
+
+      polmctl plan recipe=lora\n
+      polmctl plan recipe=sft model=tiny trainer.micro_batch_size=32 data.max_length=1024
+    """
+    from polmctl.commands.plan import PLAN_ERRORS, make_plan, plan_table
+    from polmctl.entry import quiet_libraries
+
+    quiet_libraries()
+    try:
+        result = make_plan(ctx.args)
+    except PLAN_ERRORS as err:
+        _fail(str(err))
+    out.print(plan_table(result))
+    out.print(f"[bold]{result['verdict']}[/]: {result['verdict_reason']}", highlight=False, soft_wrap=True)
+    if result["verdict"] == "DOES NOT FIT":
+        raise typer.Exit(1)
 
 
 def _fail(message: str) -> None:

@@ -34,25 +34,33 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def fail(kind: str, message: str, code: int = 2) -> None:
     from polmctl.engine.progress import console
 
+    console.quiet = False  # ranks > 0 of a multi-process run are quiet, but not about their own errors
     console.print(f"[bold red]{kind}:[/] {message}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
 
 
 def run_config(cfg: DictConfig) -> Any:
     """Validate ``cfg`` and run it; returns the runner's objective value for sweepers."""
+    from polmctl.sweeps import check_sweep_metric, sweep_objective
+
     try:
         run = validate(cfg)
+        check_sweep_metric(run)
     except ConfigError as err:
         fail("config error", str(err))
+    from polmctl.launch import run_with_launcher
     from polmctl.runners import RUNNERS
 
     if run.runner not in RUNNERS:
         fail("config error", f"runner: got {run.runner!r}; allowed: {', '.join(RUNNERS)}")
     try:
-        summary = RUNNERS[run.runner](run)
+        summary = run_with_launcher(run, RUNNERS[run.runner])  # launcher=accelerate: N processes
     except _user_errors() as err:
         fail(type(err).__name__, str(err).strip() or repr(err), code=1)
-    return summary.get("objective") if isinstance(summary, dict) else None
+    try:
+        return sweep_objective(run, summary)  # sweep.metric, for sweepers that optimise it
+    except ConfigError as err:
+        fail("config error", str(err))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -81,6 +89,16 @@ def main(args: Sequence[str] | None = None) -> None:
     quiet_libraries()
     if args is not None:
         sys.argv = [sys.argv[0] if sys.argv else "polmctl", *args]
+    from polmctl.sweeps import missing_plugin
+
+    missing = missing_plugin(sys.argv[1:])
+    if missing:
+        from rich.markup import escape
+
+        fail("missing plugin", escape(missing))
+    from polmctl.launch import rank_arguments
+
+    sys.argv = [sys.argv[0], *rank_arguments(sys.argv[1:])]  # ranks > 0 leave .hydra/ and the log to rank 0
     hydra_main()
 
 

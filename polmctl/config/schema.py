@@ -154,6 +154,8 @@ class TrainerConfig:
     save_every: int = _f(0, "write checkpoints/step-N every N steps (0: only final/)")
     keep_last: int = _f(2, "checkpoints to keep (older ones are deleted)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
+    auto_batch: bool = _f(False, "on an out-of-memory error, halve the micro-batch and double the accumulation "
+                                 "(same global batch) and retry the step; one process, offline methods")
 
     def check(self, section: str) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "keep_last"):
@@ -183,7 +185,7 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: List[str] = _f(["arithmetic"], "evaluation tasks: arithmetic (exact match) | perplexity | preference | reward (reward models)")
+    tasks: List[str] = _f(["arithmetic"], "evaluation tasks: arithmetic | reversal (exact match) | perplexity | preference | reward (reward models)")
     before: bool = _f(True, "also evaluate the starting model, so the summary shows before and after")
     max_samples: int = _f(100, "held-out rows per task")
     batch_size: int = _f(16, "rows per generation / scoring batch")
@@ -192,10 +194,45 @@ class EvalConfig:
 
     def check(self, section: str) -> None:
         for i, t in enumerate(self.tasks):
-            one_of(section, f"tasks[{i}]", t, ("arithmetic", "perplexity", "preference", "reward"))
+            if t.startswith("lm_eval:"):  # an lm-evaluation-harness task (polmctl.evals.lm_eval)
+                from polmctl.evals.lm_eval import check_lm_eval_task
+
+                check_lm_eval_task(t, f"{section}.tasks[{i}]")
+                continue
+            one_of(section, f"tasks[{i}]", t, ("arithmetic", "reversal", "perplexity", "preference", "reward"))
         positive(section, "max_samples", self.max_samples)
         positive(section, "batch_size", self.batch_size)
         positive(section, "max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class SweepConfig:
+    metric: str = _f("final_loss", "dotted path in summary.json that a sweep reports and hydra/sweeper=optuna optimises, "
+                                   "e.g. eval.after.arithmetic.accuracy")
+    direction: str = _f("minimize", "minimize | maximize: which end of sweep.metric is best")
+
+    def check(self, section: str) -> None:
+        one_of(section, "direction", self.direction, ("minimize", "maximize"))
+        if not self.metric.strip():
+            raise ConfigError(f"{section}.metric", "is empty; give a dotted path in summary.json, e.g. final_loss")
+
+
+@dataclass
+class LauncherConfig:
+    name: str = _f("none", "none (this process) | accelerate (re-run under `accelerate launch`: DDP, FSDP, DeepSpeed)")
+    num_processes: Optional[int] = _f(None, "processes to start; None: the config file's count, else one per GPU, "
+                                            "else 1")
+    config_file: Optional[str] = _f(None, "an accelerate config YAML, e.g. a file from polmctl/conf/accelerate/ "
+                                          "(ddp | fsdp | deepspeed_zero2 | deepspeed_zero3, by name or path)")
+    main_process_port: Optional[int] = _f(None, "rendezvous port of rank 0 (None: accelerate's default, 29500)")
+
+    def check(self, section: str) -> None:
+        one_of(section, "name", self.name, ("none", "accelerate"))
+        if self.num_processes is not None:
+            positive(section, "num_processes", self.num_processes)
+        if self.name == "none" and (self.num_processes or self.config_file):
+            raise ConfigError(f"{section}.name", "is none, so num_processes / config_file would be ignored; "
+                                                 "add launcher=accelerate")
 
 
 @dataclass
@@ -213,6 +250,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     # Typed per objective (polmctl.objectives.METHOD_SCHEMAS); checked by validate().
     method: Any = field(default_factory=lambda: {"objective": "sft"}, metadata={"help": "the method's own knobs"})
 

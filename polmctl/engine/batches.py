@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import torch
 
+from polmctl.data.errors import DataError
+
 
 class BatchSampler:
     def __init__(self, n_rows: int, micro_batch_size: int, *, seed: int, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1):
         self.global_batch = micro_batch_size * world_size
         if n_rows < self.global_batch:
-            raise ValueError(
+            raise DataError(
                 f"the training data has {n_rows} rows, fewer than one micro-batch across processes "
-                f"({micro_batch_size} x {world_size}); lower trainer.micro_batch_size or add rows"
+                f"({micro_batch_size} x {world_size}); lower trainer.micro_batch_size (online methods: the prompts "
+                "per step or round), use fewer processes, or add rows"
             )
         self.n_rows, self.micro_batch_size = n_rows, micro_batch_size
         self.seed, self.shuffle, self.rank = seed, shuffle, rank
@@ -68,10 +71,26 @@ class OfflineBatches:
     def __init__(self, examples, collate, micro_batch_size: int, grad_accum: int, **sampler_options):
         self.examples, self.collate, self.grad_accum = examples, collate, grad_accum
         self.sampler = BatchSampler(len(examples), micro_batch_size, **sampler_options)
+        # Rows per forward pass; trainer.auto_batch lowers it, the sampler's order stays.
+        self.micro_batch_size = micro_batch_size
+        self._step_rows: list[int] = []
 
     def next_step(self, model) -> tuple[list[dict], dict[str, float]]:
         """The step's micro-batches and any metrics their making produced (none here)."""
-        return [self.collate([self.examples[i] for i in self.sampler.next()]) for _ in range(self.grad_accum)], {}
+        self._step_rows = [i for _ in range(self.grad_accum) for i in self.sampler.next()]
+        return self._collate_step(), {}
+
+    def halve_micro_batch(self) -> list[dict]:
+        """trainer.auto_batch after an out-of-memory error: the same step's rows again, in
+        micro-batches half as large (twice as many), so the global batch is unchanged."""
+        if self.micro_batch_size == 1:
+            raise ValueError("a micro-batch of one row does not fit in memory")
+        self.micro_batch_size = (self.micro_batch_size + 1) // 2
+        return self._collate_step()
+
+    def _collate_step(self) -> list[dict]:
+        rows, size = self._step_rows, self.micro_batch_size
+        return [self.collate([self.examples[i] for i in rows[s : s + size]]) for s in range(0, len(rows), size)]
 
     @property
     def progress_epochs(self) -> float:

@@ -6,12 +6,17 @@ Features and the flag that controls each:
   optimizer and warmup + decay schedule  trainer.optimizer, trainer.lr, trainer.scheduler, trainer.warmup_*
   gradient accumulation                   trainer.grad_accum (loss normalised over the whole step)
   gradient clipping                       trainer.max_grad_norm
-  mixed precision, devices, processes     trainer.mixed_precision, trainer.device (through accelerate)
+  mixed precision, devices, processes     trainer.mixed_precision, trainer.device, launcher (accelerate)
+  halve the micro-batch on out-of-memory  trainer.auto_batch (same global batch: grad accumulation doubles)
   atomic checkpoints, keep the last K     trainer.save_every, trainer.keep_last
   exact resume                            resume=auto | resume=<checkpoint dir>
   a pruned model keeps its zeros          trainer.keep_sparsity
   metrics.jsonl, trackers, progress bar   trainer.log_every, logger.trackers, logger.progress
 A non-finite loss stops the run before the bad update is applied.
+
+With several processes (launcher=accelerate, docs/distributed.md) each rank trains on its own
+slice of every step; the logged loss, metrics and token counts are over all ranks, and only
+rank 0 writes metrics.jsonl and checkpoints (the others wait for it).
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
+from torch.nn.parallel import DistributedDataParallel
 
 from polmctl.compress.sparsity import SparsityMasks
 from polmctl.config.schema import TrainerConfig
 from polmctl.engine.batches import OfflineBatches
-from polmctl.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from polmctl.engine.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from polmctl.engine.errors import TrainingError
 from polmctl.engine.metrics import MetricsLog
 from polmctl.engine.optim import build_optimizer, build_scheduler
-from polmctl.engine.progress import StepProgress
+from polmctl.engine.progress import StepProgress, console
 from polmctl.objectives.base import Objective
 
 
@@ -47,6 +54,36 @@ class FitResult:
     resumed_from: str | None
 
 
+class ModelAttributesDDP(DistributedDataParallel):
+    """DDP that also answers the wrapped model's attributes. Objectives read ``model.config``,
+    call ``model.disable_adapter()`` (peft) and so on, yet their forward passes must go through
+    the DDP wrapper for gradients to be averaged; torch's DDP hides the attributes."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
+
+def check_distributed_type(acc: Accelerator, cfg: TrainerConfig) -> None:
+    """What this loop supports beyond DDP, said before anything is sharded (docs/distributed.md)."""
+    kind = acc.distributed_type
+    plugin = acc.state.deepspeed_plugin
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin and plugin.zero_stage == 3):
+        # Evaluation and final/ run on rank 0 with the whole model; sharded weights would need every rank.
+        raise TrainingError("launcher.config_file: FSDP and DeepSpeed ZeRO-3 shard the weights, which polmctl's "
+                            "evaluation and final/ save do not gather yet; use ddp or deepspeed_zero2")
+    if kind == DistributedType.DEEPSPEED:
+        if cfg.grad_accum > 1:
+            # accelerate's DeepSpeed wrapper steps the engine after every backward outside accelerator.accumulate.
+            raise TrainingError("trainer.grad_accum: DeepSpeed steps the optimizer after every backward pass here; "
+                                "set trainer.grad_accum=1 and raise trainer.micro_batch_size instead")
+        if cfg.save_every:
+            raise TrainingError("trainer.save_every: under DeepSpeed the optimizer state is sharded over ranks and "
+                                "checkpoints/ keeps rank 0's only; set trainer.save_every=0 (final/ is still written)")
+
+
 class Trainer:
     def __init__(self, *, cfg: TrainerConfig, model: torch.nn.Module, objective: Objective,
                  examples: Sequence[dict] = (), collate: Callable[[list[dict]], dict] | None = None, run_dir: Path,
@@ -57,13 +94,24 @@ class Trainer:
         self.cfg, self.objective = cfg, objective
         self.tokenizer = tokenizer
         self.run_dir, self.acc, self.progress = run_dir, accelerator, progress
+        check_distributed_type(accelerator, cfg)
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         # The scheduler is stepped by hand once per optimizer step, so it is not prepared.
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        if isinstance(self.model, DistributedDataParallel):
+            self.model.__class__ = ModelAttributesDDP
         self.batches = batches or OfflineBatches(examples, collate, cfg.micro_batch_size, cfg.grad_accum, seed=seed,
                                                  shuffle=shuffle, rank=accelerator.process_index,
                                                  world_size=accelerator.num_processes)
+        if cfg.auto_batch and accelerator.num_processes > 1:
+            # One rank retrying a step while the others wait in the gradient all-reduce would hang.
+            raise TrainingError("trainer.auto_batch works in one process only; with several processes lower "
+                                "trainer.micro_batch_size (and raise trainer.grad_accum) instead")
+        if cfg.auto_batch and not hasattr(self.batches, "halve_micro_batch"):
+            raise TrainingError(f"trainer.auto_batch: this method's batches ({type(self.batches).__name__}) cannot be "
+                                "re-split after an out-of-memory error; set trainer.auto_batch=false and lower "
+                                "trainer.micro_batch_size instead")
         self.step = 0
         # A pruned model's zeros, kept through fine-tuning (trainer.keep_sparsity).
         self.sparsity = SparsityMasks.from_model(model) if cfg.keep_sparsity else None
@@ -78,14 +126,22 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or []
+        # Each rank continues its own dropout / sampling stream when the process count is unchanged.
+        set_rng_state(per_rank[self.acc.process_index] if len(per_rank) == self.acc.num_processes else state["rng"])
         self.step = state["step"]
 
     def save(self) -> Path | None:
-        if not self.acc.is_main_process:
-            return None
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.acc.unwrap_model(self.model),
-                               self._state(), self.cfg.keep_last, tokenizer=self.tokenizer)
+        """Rank 0 writes checkpoints/step-N (with every rank's RNG state); the others wait for it."""
+        state = self._state()
+        if self.acc.num_processes > 1:
+            state["rng_per_rank"] = gather_object([rng_state()])
+        path = None
+        if self.acc.is_main_process:
+            path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.acc.unwrap_model(self.model),
+                                   state, self.cfg.keep_last, tokenizer=self.tokenizer)
+        self.acc.wait_for_everyone()
+        return path
 
     # -- one optimizer step -----------------------------------------------------------------
 
@@ -99,6 +155,39 @@ class Trainer:
         if weight.item() == 0:
             raise TrainingError(f"step {self.step + 1}: no trainable token in the batch; check the data's masking")
         self.model.train()
+        while True:
+            try:
+                loss_total, metric_sums, metric_counts, tokens = self._accumulate(batches, weight)
+                break
+            except torch.OutOfMemoryError:
+                if not self.cfg.auto_batch:
+                    raise
+            # Retried outside the except block, so the failed attempt's activations are freed first.
+            batches = self._halve_micro_batch(len(batches))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.max_grad_norm or float("inf")
+        grad_norm = self.acc.clip_grad_norm_(params, max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        if self.sparsity is not None:
+            self.sparsity.apply(self.acc.unwrap_model(self.model))
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_total, metric_sums, metric_counts, tokens, source_metrics = self._over_ranks(
+            loss_total, metric_sums, metric_counts, tokens, source_metrics)
+        total_weight = weight.item() * self.acc.num_processes
+        # A subset metric whose subset was empty this step (count 0) is left out, not logged as NaN.
+        means = {name: total / metric_counts.get(name, total_weight)
+                 for name, total in metric_sums.items() if metric_counts.get(name, 1)}
+        if self.cfg.auto_batch:
+            means["micro_batch_size"] = self.batches.micro_batch_size
+        grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed may not report one
+        return {"loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **means, **source_metrics,
+                "batch_time_s": batch_time, "update_time_s": time.perf_counter() - started - batch_time}
+
+    def _accumulate(self, batches: list[dict], weight: torch.Tensor) -> tuple[float, dict, dict, int]:
+        """Forward and backward every micro-batch of the step; gradients sync on the last one."""
         loss_total, metric_sums, metric_counts, tokens = 0.0, {}, {}, 0
         for k, batch in enumerate(batches):
             batch = {key: v.to(self.acc.device) for key, v in batch.items()}
@@ -119,22 +208,42 @@ class Trainer:
                 metric_sums[name] = metric_sums.get(name, 0.0) + float(total)
                 if count is not None:
                     metric_counts[name] = metric_counts.get(name, 0.0) + float(count)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.max_grad_norm or float("inf")
-        grad_norm = self.acc.clip_grad_norm_(params, max_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        if self.sparsity is not None:
-            self.sparsity.apply(self.acc.unwrap_model(self.model))
-        self.scheduler.step()
+        return loss_total, metric_sums, metric_counts, tokens
+
+    def _halve_micro_batch(self, n_batches: int) -> list[dict]:
+        """trainer.auto_batch: drop the failed attempt's gradients, re-split the same rows."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        loss_total = self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), reduction="sum").item()
-        # A subset metric whose subset was empty this step (count 0) is left out, not logged as NaN.
-        means = {name: total / metric_counts.get(name, weight.item())
-                 for name, total in metric_sums.items() if metric_counts.get(name, 1)}
-        return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, **means, **source_metrics,
-                "batch_time_s": batch_time, "update_time_s": time.perf_counter() - started - batch_time}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        before = self.batches.micro_batch_size
+        try:
+            batches = self.batches.halve_micro_batch()
+        except ValueError as err:
+            raise TrainingError(f"out of memory at step {self.step + 1} and trainer.auto_batch cannot go lower: {err}; "
+                                "lower data.max_length, use peft or model.gradient_checkpointing=true") from None
+        console.print(f"[yellow]auto_batch:[/] out of memory at step {self.step + 1}; micro-batch {before} -> "
+                      f"{self.batches.micro_batch_size} rows, {n_batches} -> {len(batches)} micro-batches per step "
+                      "(same global batch)", highlight=False)
+        return batches
+
+    def _over_ranks(self, loss: float, sums: dict, counts: dict, tokens: int, source: dict):
+        """The step's numbers over all processes: sums, counts and tokens are summed; the loss and a
+        batch source's metrics are averaged (each rank's loss is scaled by the world size, because
+        DDP averages gradients, so the mean of the ranks' losses is the global per-token mean)."""
+        if self.acc.num_processes == 1:
+            return loss, sums, counts, tokens, source
+        # Objects, not tensors: ranks may hold different metric names (a subset absent on one rank).
+        parts = gather_object([(loss, sums, counts, tokens, source)])
+        merged_sums, merged_counts, merged_source = {}, {}, {}
+        for _, s, c, _, src in parts:
+            for name, v in s.items():
+                merged_sums[name] = merged_sums.get(name, 0.0) + v
+            for name, v in c.items():
+                merged_counts[name] = merged_counts.get(name, 0.0) + v
+            for name, v in src.items():
+                merged_source.setdefault(name, []).append(float(v))
+        return (sum(p[0] for p in parts) / len(parts), merged_sums, merged_counts, sum(p[3] for p in parts),
+                {name: sum(v) / len(v) for name, v in merged_source.items()})
 
     def _last_checkpoint(self) -> str:
         found = list_checkpoints(self.run_dir / "checkpoints")

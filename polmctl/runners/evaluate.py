@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from polmctl.config.schema import RunConfig
+from polmctl.engine.device import run_device
 from polmctl.engine.metrics import write_json
 from polmctl.engine.progress import console, summary_table
 from polmctl.evals import run_evals
@@ -22,7 +23,7 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, device=_device(cfg), for_training=False, pad_token_id=tokenizer.pad_token_id)
+    model = load_model(cfg.model, device=run_device(cfg.trainer), for_training=False, pad_token_id=tokenizer.pad_token_id)
     with console.status(f"evaluating {cfg.model.name_or_path}: {', '.join(cfg.eval.tasks)}"):
         results = run_evals(model, tokenizer, cfg.eval, cfg.data, run_dir / "eval")
     summary = {"model": cfg.model.name_or_path, "run_dir": str(run_dir), "status": "completed",
@@ -32,10 +33,3 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     console.print(summary_table(f"eval: {cfg.model.name_or_path}", rows))
     return summary
 
-
-def _device(cfg: RunConfig) -> str:
-    import torch
-
-    if cfg.trainer.device != "auto":
-        return cfg.trainer.device
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from polmctl.compress import prune as P
 from polmctl.config.schema import ConfigError, RunConfig
 from polmctl.data import encode_dataset, load_rows, pad_collate
+from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb, write_json
 from polmctl.engine.progress import console, summary_table
 from polmctl.evals import evaluate_run
@@ -40,7 +41,7 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
     # Data first: a bad file or column fails here, before any model weights load.
     tokenizer = load_tokenizer(cfg.model)
     batches, n_rows = _calibration_batches(cfg, tokenizer)
-    model = _plain_model(load_model(cfg.model, device=_device(cfg), for_training=False,
+    model = _plain_model(load_model(cfg.model, device=run_device(cfg.trainer), for_training=False,
                                     pad_token_id=tokenizer.pad_token_id))
     P.check_prunable(model)
     layers_before = len(P.decoder_layers(model))
@@ -162,10 +163,3 @@ def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
     rows["wall_time_s"] = summary["wall_time_s"]
     return rows
 
-
-def _device(cfg: RunConfig) -> str:
-    import torch
-
-    if cfg.trainer.device != "auto":
-        return cfg.trainer.device
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,6 +33,7 @@ import torch
 
 from polmctl.compress import quantize as Q
 from polmctl.config.schema import ConfigError, ModelConfig, RunConfig
+from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb, write_json
 from polmctl.engine.progress import console, summary_table
 from polmctl.evals import evaluate_run
@@ -199,6 +200,4 @@ def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
 def _device(cfg: RunConfig) -> str:
     if cfg.method.scheme == "cpu_int8" and cfg.trainer.device == "auto":
         return "cpu"  # the scheme is for CPU inference; on GPUs use int8 / nf4
-    if cfg.trainer.device != "auto":
-        return cfg.trainer.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return run_device(cfg.trainer)

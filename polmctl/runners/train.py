@@ -34,6 +34,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     acc = make_accelerator(cfg.trainer, cfg.logger, run_dir)
+    run_dir = Path(acc.project_dir)  # several processes: rank 0's run dir, on every rank
     resume = resolve_resume(cfg.resume, run_dir)
 
     # Data first: a bad file or column fails here, before any model weights load.
@@ -56,7 +57,10 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     console.print(f"[bold]model[/] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
                   f"({100 * trainable / total:.2f}%), peft={cfg.peft.method}")
 
-    before = evaluate_run(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None) if cfg.eval.before else None
+    # Several processes: rank 0 evaluates and writes eval/, the others wait for it.
+    before = (evaluate_run(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None)
+              if cfg.eval.before and acc.is_main_process else None)
+    acc.wait_for_everyone()
     # Online objectives (GRPO, ...) make their batches by sampling the policy as it trains.
     online = hasattr(objective, "make_batches")
     batches = objective.make_batches(examples, model=model, tokenizer=tokenizer, cfg=cfg, accelerator=acc) if online else None
@@ -79,7 +83,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     if acc.is_main_process:
         save_model(model, tokenizer, run_dir / "final", merge_adapters=cfg.peft.merge_on_save, heads=heads,
                    sparsity=trainer.sparsity)
-    after = evaluate_run(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks else None
+    after = evaluate_run(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks and acc.is_main_process else None
+    acc.wait_for_everyone()
     acc.end_training()
 
     summary = {

@@ -1,0 +1,258 @@
+"""``polmctl plan``: a dry run. Compose and validate the config, load the tokenizer and the data,
+and estimate the memory one training process needs, against the device's free memory.
+
+    polmctl plan recipe=lora
+    polmctl plan recipe=sft model=tiny trainer.micro_batch_size=32 data.max_length=1024
+
+Nothing trains and no weights load: the model is built on PyTorch's meta device (shapes and
+dtypes, no storage), with the run's peft adapter applied to it, so parameter and trainable
+counts are exact. Activations are an estimate (the formula is in ``activation_bytes``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from polmctl.config.schema import ConfigError, RunConfig
+from polmctl.data import DataError
+from polmctl.models.errors import ModelError
+
+PLAN_ERRORS = (ConfigError, DataError, ModelError, ValueError, FileNotFoundError)  # shown as one line
+TIGHT_ABOVE = 0.8  # of free memory
+PAIRED = ("dpo", "simpo", "cpo", "orpo", "reward_model", "kto")  # two sequences per row in each forward pass
+ONLINE = ("grpo", "ppo", "rejection_sampling")  # sequences are prompts + sampled answers
+
+
+def plan_device(cfg: RunConfig) -> torch.device:
+    name = cfg.trainer.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def free_memory(device: torch.device) -> tuple[int, str]:
+    """(free bytes, what was measured) on ``device``."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"trainer.device={device} but CUDA is not available here; use trainer.device=cpu")
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {torch.cuda.get_device_name(device)} ({total / 2**30:.1f} GiB total)"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "available system memory (RAM)"
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free system memory (RAM)"
+
+
+def _examples_shape(examples: list[dict], objective: str, max_length: int) -> tuple[int, int]:
+    """(sequences per row in one forward pass, longest sequence in tokens)."""
+    if objective in ONLINE or not examples:
+        return 1, max_length  # prompts + sampled answers: at most data.max_length tokens
+    if "input_ids" in examples[0]:
+        return 1, max(len(e["input_ids"]) for e in examples)
+    answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in examples[0]]
+    longest = max(len(e["prompt_ids"]) + max(len(e[c]) for c in answers) for e in examples)
+    return 2, longest  # pairs: chosen + rejected; kto: the completion + a mismatched one for the KL term
+
+
+def _tokens(examples: list[dict], stats: Any) -> int | None:
+    if hasattr(stats, "tokens"):
+        return int(stats.tokens)
+    lengths = [sum(len(v) for k, v in e.items() if k.endswith("_ids") and isinstance(v, list)) for e in examples]
+    return sum(lengths) if any(lengths) else None
+
+
+def plan_data(cfg: RunConfig, tokenizer) -> dict:
+    from polmctl.data import load_rows
+    from polmctl.objectives import build_objective
+
+    rows = load_rows(cfg.data.source, cfg.data.split, max_rows=cfg.data.max_rows,
+                     options=dict(cfg.data.options) or None, hub_config=cfg.data.hub_config)
+    examples, stats = build_objective(cfg.method).encode(rows, tokenizer, cfg.data)
+    per_row, longest = _examples_shape(examples, cfg.method.objective, cfg.data.max_length)
+    return {"source": cfg.data.source, "rows": len(rows), "kept": len(examples), "tokens": _tokens(examples, stats),
+            "truncated": getattr(stats, "truncated", 0), "dropped": len(rows) - len(examples),
+            "summary": stats.summary(), "sequences_per_row": per_row, "longest": longest}
+
+
+def _config(model_cfg, cache_dir):
+    from transformers import AutoConfig
+
+    from polmctl.models.load import _adapter_base, _call, resolve_model_path
+
+    path = resolve_model_path(model_cfg.name_or_path, cache_dir)
+    return _call(AutoConfig.from_pretrained, _adapter_base(path, cache_dir) or path, "model config",
+                 trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+
+
+def meta_model(model_cfg, dtype: torch.dtype, head: str = "causal_lm"):
+    """The model of ``model_cfg`` on the meta device: every parameter's shape and dtype, no storage."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = _config(model_cfg, model_cfg.cache_dir)
+    if head == "reward":
+        config.num_labels = 1
+    auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def weight_bytes(model, quantization: str) -> int:
+    """Bytes of the weights; bitsandbytes quantizes the Linear layers except the output head:
+    nf4/fp4 at 4 bits plus a 4-byte absmax per 64 weights, int8 at 1 byte plus a scale per row."""
+    if quantization == "none":
+        return _nbytes(model.parameters())
+    quantized, other = 0, 0
+    seen = set()
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            base_linear = isinstance(module, torch.nn.Linear) and "lora_" not in name and not name.endswith("lm_head")
+            if base_linear and pname == "weight":
+                per = 0.5 + 4 / 64 if quantization in ("nf4", "fp4") else 1.0
+                quantized += int(p.numel() * per) + (4 * p.shape[0] if quantization == "int8" else 0)
+            else:
+                other += p.numel() * p.element_size()
+    return quantized + other
+
+
+def optimizer_bytes(trainable: list[torch.nn.Parameter], optimizer: str, momentum: float) -> int:
+    """torch AdamW keeps two states in the parameter's dtype; bitsandbytes AdamW8bit one byte each
+    (parameters under 4096 values stay 32-bit); SGD one momentum buffer (none at momentum 0)."""
+    if optimizer == "adamw":
+        return 2 * _nbytes(trainable)
+    if optimizer == "adamw_8bit":
+        return sum(2 * p.numel() if p.numel() >= 4096 else 8 * p.numel() for p in trainable)
+    return _nbytes(trainable) if momentum else 0
+
+
+def activation_bytes(config, rows: int, seq: int, element: int, checkpointing: bool, eager: bool,
+                     lm_head: bool = True) -> int:
+    """What the backward pass keeps, for ``rows`` sequences of ``seq`` tokens.
+
+    Per decoder layer and token, a Llama-style block saves about 8*h + 4*kv + 4*i values
+    (h hidden size, kv = key/value heads * head dim, i MLP width): two RMSNorm inputs and
+    outputs, q/k before and after rotary, q/k/v and the output of attention, the o_proj input,
+    and gate, up, act(gate) and their product for the MLP. Eager attention adds the scores and
+    probabilities, 2 * heads * seq values per token (SDPA/flash kernels recompute them).
+    Gradient checkpointing keeps only each layer's input (h per token) plus one layer's full
+    set while it is recomputed. Logits: rows * seq * vocab, in float32 for the loss, twice
+    (the logits and the log-softmax the cross-entropy backward needs); a reward model's score
+    head has one output, not vocab.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size if lm_head else 1
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    i = getattr(text, "intermediate_size", None) or 4 * h
+    per_layer = 8 * h + 4 * kv + 4 * i + (2 * heads * seq if eager else 0)
+    tokens = rows * seq
+    stored = layers * h + per_layer if checkpointing else layers * per_layer
+    return tokens * stored * element + 2 * tokens * vocab * 4
+
+
+def _extra_model(cfg: RunConfig, policy_weights: int) -> tuple[str, int] | None:
+    """A second model the run holds: the distillation teacher, or, in full fine-tuning with a KL
+    term, the frozen reference copy (LoRA runs use the base model itself, adapter off)."""
+    from polmctl.config.schema import ModelConfig
+    from polmctl.models.load import resolve_dtype
+
+    m = cfg.method
+    if m.objective == "distill":
+        teacher = ModelConfig(name_or_path=m.teacher, dtype=m.teacher_dtype, quantization=m.teacher_quantization,
+                              cache_dir=cfg.model.cache_dir)
+        model = meta_model(teacher, resolve_dtype(teacher.dtype, plan_device(cfg)))
+        return f"teacher {m.teacher}", weight_bytes(model, teacher.quantization)
+    kl = getattr(m, "beta", 0) if m.objective == "grpo" else getattr(m, "kl_coef", 0) if m.objective == "ppo" else 0
+    if kl and cfg.peft.method == "none":
+        return "frozen reference copy", policy_weights
+    return None
+
+
+def make_plan(args: list[str]) -> dict:
+    from polmctl.config.compose import compose_validated
+    from polmctl.models import apply_peft, load_tokenizer
+    from polmctl.models.load import resolve_dtype
+    from polmctl.objectives import OBJECTIVES, build_objective
+
+    cfg, _ = compose_validated(args)
+    if cfg.runner == "pipeline":
+        raise ConfigError("runner", "a pipeline is planned stage by stage: polmctl plan recipe=<a stage's recipe> ...")
+    device = plan_device(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    trains = cfg.runner == "train" and cfg.method.objective in OBJECTIVES
+    data = plan_data(cfg, tokenizer) if trains else None
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    head = getattr(build_objective(cfg.method), "model_head", "causal_lm") if trains else "causal_lm"
+    model = meta_model(cfg.model, dtype, head)
+    config = model.config
+    weights = weight_bytes(model, cfg.model.quantization)
+    total_params = sum(p.numel() for p in model.parameters())
+    memory = {"weights": weights}
+    result: dict[str, Any] = {"runner": cfg.runner, "recipe": cfg.recipe.name, "model": cfg.model.name_or_path,
+                              "dtype": str(dtype).replace("torch.", ""), "quantization": cfg.model.quantization,
+                              "parameters": total_params, "device": str(device), "data": data}
+    if trains:
+        model = apply_peft(model, cfg.peft, tokenizer)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        result["trainable_parameters"] = sum(p.numel() for p in trainable)
+        memory["weights"] = weight_bytes(model, cfg.model.quantization)
+        memory["gradients"] = _nbytes(trainable)
+        memory["optimizer state"] = optimizer_bytes(trainable, cfg.trainer.optimizer, cfg.trainer.betas[0])
+        rows = cfg.trainer.micro_batch_size * data["sequences_per_row"]
+        seq = min(cfg.data.max_length, data["longest"]) if not cfg.data.packing else cfg.data.max_length
+        element = 2 if cfg.trainer.mixed_precision in ("bf16", "fp16") else torch.finfo(dtype).bits // 8
+        memory["activations"] = activation_bytes(config, rows, seq, element, cfg.model.gradient_checkpointing,
+                                                 cfg.model.attn_implementation == "eager", lm_head=head != "reward")
+        result["activations_at"] = f"{rows} sequences x {seq} tokens"
+        extra = _extra_model(cfg, weights)
+        if extra:
+            memory[extra[0]] = extra[1]
+    free, measured = free_memory(device)
+    need = sum(memory.values())
+    verdict = "FITS" if need <= TIGHT_ABOVE * free else "TIGHT" if need <= free else "DOES NOT FIT"
+    result.update(memory=memory, total_bytes=need, free_bytes=free, free_measured=measured, verdict=verdict,
+                  verdict_reason=f"{_gib(need)} needed per process, {_gib(free)} {measured} "
+                                 f"({100 * need / max(free, 1):.0f}%; TIGHT above {TIGHT_ABOVE:.0%})")
+    return result
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def plan_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"plan: {result['recipe']} on {result['model']} ({result['device']})", title_justify="left",
+                  show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    data = result["data"]
+    if data:
+        table.add_row("data", f"{data['source']}: {data['summary']}")
+        tokens = f"{data['tokens']:,} tokens, longest {data['longest']:,}" if data["tokens"] else \
+            f"prompts (answers are sampled), up to {data['longest']:,} tokens"
+        table.add_row("rows / tokens", f"{data['kept']:,} of {data['rows']:,} rows kept, {tokens}")
+        table.add_row("truncated / dropped", f"{data['truncated']:,} / {data['dropped']:,}")
+    table.add_row("parameters", f"{result['parameters']:,} ({result['dtype']}, quantization={result['quantization']})")
+    if "trainable_parameters" in result:
+        table.add_row("trainable", f"{result['trainable_parameters']:,}")
+        table.add_row("activations at", result["activations_at"])
+    for name, value in result["memory"].items():
+        table.add_row(f"memory: {name}", _gib(value))
+    table.add_row("memory: total per process", _gib(result["total_bytes"]))
+    table.add_row("available", f"{_gib(result['free_bytes'])} ({result['free_measured']})")
+    return table
