@@ -31,6 +31,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "unit or config"
 
 bench: setup
+	$(PY) benchmarks/vs_trl.py
 	$(PY) benchmarks/rollout_prefill.py
 
 lint: setup

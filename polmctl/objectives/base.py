@@ -60,12 +60,13 @@ def logits_window(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
     return labels.size(1) - start, labels[:, start:]
 
 
-def token_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(model: torch.nn.Module, batch: dict, *,
+                share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each labelled token ([B, T]: the window from the batch's first labelled
     position on) and the mask of labelled tokens. Gathered with a logsumexp, never a full
     log-softmax; the same batch always gives the same window, so precomputed old or
-    reference log-probs line up with these."""
-    out = policy_forward(model, batch)
+    reference log-probs line up with these. ``share_prompts``: see ``policy_forward``."""
+    out = policy_forward(model, batch, share_prompts=share_prompts)
     return out.logps, out.mask
 
 
@@ -79,10 +80,21 @@ class PolicyForward:
     hidden: torch.Tensor | None = None  # [B, T, H] final hidden state where each labelled token is predicted
 
 
-def policy_forward(model: torch.nn.Module, batch: dict, *, entropy: bool = False,
-                   hidden: bool = False) -> PolicyForward:
+def policy_forward(model: torch.nn.Module, batch: dict, *, entropy: bool = False, hidden: bool = False,
+                   share_prompts: bool = False) -> PolicyForward:
     """``token_logps`` plus, on request, the entropy (a logged metric of online RL) and the
-    final hidden states (PPO's value head reads them), from the same forward pass."""
+    final hidden states (PPO's value head reads them), from the same forward pass.
+
+    ``share_prompts``: rows that share a prompt run it once (objectives/shared_prompt.py; not
+    with ``hidden``). Same values up to float rounding, same layout; GRPO opts in, where G rows
+    share each prompt. Offline objectives keep the plain path, which is bit-stable across runs."""
+    if share_prompts and not hidden:
+        from polmctl.objectives.shared_prompt import shared_prompt_logps
+
+        shared = shared_prompt_logps(model, batch, entropy=entropy)
+        if shared is not None:
+            logps, mask, ent = shared
+            return PolicyForward(logps=logps, mask=mask, entropy=ent)
     keep, labels = logits_window(batch["labels"])
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
                 use_cache=False, output_hidden_states=hidden)

@@ -82,7 +82,7 @@ class GRPOObjective:
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossTerms:
         m = self.method
-        out = policy_forward(model, batch, entropy=True)
+        out = policy_forward(model, batch, entropy=True, share_prompts=True)  # G rows per prompt
         logps, mask = out.logps, out.mask
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old.to(logps)  # on-policy: ratio 1, gradient of logp

@@ -133,7 +133,7 @@ class RolloutBatches:
             for batch in batches:
                 on_device = {k: v.to(self.device) for k, v in batch.items()}
                 if m.num_iterations > 1:
-                    batch["old_logps"] = token_logps(model, on_device)[0].cpu()
+                    batch["old_logps"] = token_logps(model, on_device, share_prompts=True)[0].cpu()
                 if m.beta > 0:
                     batch["ref_logps"] = self._reference_logps(model, on_device).cpu()
         finally:
@@ -142,10 +142,10 @@ class RolloutBatches:
     def _reference_logps(self, model, batch: dict) -> torch.Tensor:
         if hasattr(model, "disable_adapter"):  # LoRA: the base model is the reference, no copy
             with model.disable_adapter():
-                return token_logps(model, batch)[0]
+                return token_logps(model, batch, share_prompts=True)[0]
         if self.reference is None:  # full fine-tuning: freeze the starting weights on first use
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        return token_logps(self.reference, batch)[0]
+        return token_logps(self.reference, batch, share_prompts=True)[0]
 
 
 def sample_and_score(model, tokenizer, reward: CombinedReward, rows: list[dict], samples_per_prompt: int, method, *,

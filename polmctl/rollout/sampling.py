@@ -28,6 +28,10 @@ class SamplingOptions:
                                                     "vllm (CUDA; pip install 'polmctl[vllm]')")
     vllm_gpu_memory_utilization: float = _f(0.3, "with generation_backend=vllm: share of the GPU's memory vLLM "
                                                  "keeps for its weights and KV cache (the rest stays with training)")
+    merge_adapters_for_sampling: bool = _f(True, "with generation_backend=transformers: sample from a float32 LoRA "
+                                                 "policy with its adapters merged into the base weights (same "
+                                                 "samples up to float rounding, faster decoding; the base weights "
+                                                 "are restored exactly after)")
 
     def check_sampling(self, section: str) -> None:
         positive(section, "max_new_tokens", self.max_new_tokens)
