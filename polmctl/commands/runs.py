@@ -182,9 +182,12 @@ def headline_metrics(summary: dict | None, steps_log: list[dict]) -> tuple[dict[
 
 
 def _eval_results(evals: Any, tag: str) -> dict[str, dict]:
-    """Train-style {before, after} results, or the evaluate runner's plain results (as "after")."""
+    """Train-style {before, after} results, a merge's {sources, merged} (merged as "after"), or the
+    evaluate runner's plain results (as "after")."""
     if not isinstance(evals, dict):
         return {}
+    if set(evals) <= {"sources", "merged"}:
+        evals = {"after": evals.get("merged")}
     if set(evals) <= {"before", "after"}:
         evals = evals.get(tag)
     elif tag == "before":

@@ -106,6 +106,9 @@ def test_runs_reads_failed_interrupted_and_other_runners_defensively(polmctl, tm
                       "eval": {"before": {"arithmetic": {"accuracy": 0.5, "n": 8}},
                                "after": {"arithmetic": {"accuracy": 0.25, "n": 8}}}})
     fake_run(root / "no-status", summary={"final_loss": 1.5}, mtime=4_000)
+    fake_run(root / "merged", config={"runner": "merge", "recipe": {"name": "merge"}}, mtime=4_500,
+             summary={"status": "completed", "eval": {"merged": {"reversal": {"accuracy": 0.75, "n": 8}},
+                                                      "sources": None}})
     fake_run(root / "pipeline", config={"runner": "pipeline"}, mtime=5_000,
              summary={"runner": "pipeline", "status": "failed", "failed_stage": "dpo", "stages": [
                  {"name": "sft", "status": "completed", "metrics": {"final_loss": 0.75},
@@ -123,13 +126,14 @@ def test_runs_reads_failed_interrupted_and_other_runners_defensively(polmctl, tm
     result = polmctl("runs", str(root), "--json")
     assert result.exit_code == 0, result.output
     rows = {Path(r["run_dir"]).name: r for r in json.loads(result.stdout)}
-    assert list(rows) == ["deleted", "elsewhere", "pipeline", "no-status", "quantized", "killed", "failed", "broken"]
+    assert list(rows) == ["deleted", "elsewhere", "pipeline", "merged", "no-status", "quantized", "killed", "failed", "broken"]
     assert rows["failed"]["status"] == "incomplete" and rows["failed"]["steps"] is None
     assert rows["killed"]["status"] == "incomplete" and rows["killed"]["steps"] == 2
     assert rows["killed"]["metrics"] == {"loss": 2.0}
     assert rows["quantized"]["metrics"] == {"arithmetic/accuracy": 0.25, "size_on_disk_bytes.ratio": 0.31}
     assert rows["quantized"]["metrics_before"] == {"arithmetic/accuracy": 0.5}
     assert rows["quantized"]["recipe"] == "quantize" and rows["quantized"]["wall_time_s"] == 12.5
+    assert rows["merged"]["metrics"] == {"reversal/accuracy": 0.75} and rows["merged"]["metrics_before"] == {}
     assert rows["no-status"]["status"] == "finished" and rows["no-status"]["metrics"] == {"final_loss": 1.5}
     assert rows["pipeline"]["status"] == "failed (stage dpo)"
     assert rows["pipeline"]["metrics"] == {"arithmetic/accuracy": 0.5, "final_loss": 0.75}
