@@ -80,9 +80,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     if run.runner == "train" and objective not in OBJECTIVES:
         raise ConfigError("method.objective", f"{objective!r} trains nothing: it runs with runner={objective} "
                                               "(set it, or use a recipe that does, e.g. recipe=prune)")
-    if run.runner in METHOD_SCHEMAS and objective != run.runner:  # prune, quantize: the method is the runner's
-        raise ConfigError("method.objective", f"runner={run.runner} reads method={run.runner}, got {objective!r}; "
-                                              f"use recipe={_recipe_for_runner(run.runner)}")
+    if run.runner in METHOD_SCHEMAS:  # prune, quantize, merge, ...: the method is the runner's
+        require_method(run, run.runner)
     if run.runner == "train":
         _check_eval_fits_model(run, objective)
     if run.resume not in (None, "auto") and not run.resume:
@@ -94,6 +93,15 @@ def _check_eval_fits_model(run: RunConfig, objective: str) -> None:
     from polmctl.evals import check_tasks_fit
 
     check_tasks_fit(run.eval.tasks, objective == "reward_model", f"what method.objective={objective} trains")
+
+
+def require_method(run: RunConfig, runner: str) -> None:
+    """A runner that owns a method (prune, quantize, merge, vlm, pipeline) reads only that method;
+    validate() calls this, and each such runner too, for configs built without validate()."""
+    objective = getattr(run.method, "objective", None)
+    if objective != runner:
+        raise ConfigError("method.objective", f"runner={runner} reads method={runner}, got {objective!r}; "
+                                              f"use recipe={_recipe_for_runner(runner)}")
 
 
 def _recipe_for_runner(runner: str) -> str:

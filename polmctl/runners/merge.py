@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from polmctl.config.schema import ConfigError, ModelConfig, RunConfig
+from polmctl.config.validate import require_method
 from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb, write_json
 from polmctl.engine.progress import console, summary_table
@@ -83,9 +84,7 @@ def _evaluate(cfg: RunConfig, path: str, device: str, run_dir: Path, tag: str) -
 
 def _check_config(cfg: RunConfig) -> None:
     """What the method schema cannot see: the rest of the run must fit a merge."""
-    if getattr(cfg.method, "objective", None) != "merge":
-        raise ConfigError("method.objective", f"runner=merge needs method=merge, got "
-                                              f"{getattr(cfg.method, 'objective', None)!r}")
+    require_method(cfg, "merge")
     if cfg.peft.method != "none":
         raise ConfigError("peft.method", f"merging trains no adapters, got {cfg.peft.method!r}; use peft=none")
     if cfg.model.quantization != "none":

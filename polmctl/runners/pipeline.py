@@ -43,6 +43,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from polmctl.config.schema import ConfigError, RunConfig
+from polmctl.config.validate import require_method
 from polmctl.engine.errors import TrainingError
 from polmctl.engine.metrics import write_json
 from polmctl.engine.progress import console, summary_table
@@ -229,9 +230,7 @@ def _nested_compose() -> Iterator[None]:
 
 
 def _check_config(cfg: RunConfig) -> None:
-    if getattr(cfg.method, "objective", None) != "pipeline":
-        raise ConfigError("method.objective", f"runner=pipeline needs method=pipeline, got "
-                                              f"{getattr(cfg.method, 'objective', None)!r}")
+    require_method(cfg, "pipeline")
     if cfg.resume not in (None, "auto"):
         raise ConfigError("resume", f"got {cfg.resume!r}; a pipeline resumes with resume=auto (and the same run dir)")
     for override in _command_line(cfg):

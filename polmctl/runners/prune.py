@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from polmctl.compress import prune as P
 from polmctl.config.schema import ConfigError, RunConfig
+from polmctl.config.validate import require_method
 from polmctl.data import encode_dataset, load_rows, pad_collate
 from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb, write_json
@@ -99,8 +100,7 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
 
 def _check_config(cfg: RunConfig) -> None:
     """What the method schema cannot see: the rest of the run must fit a one-shot prune."""
-    if cfg.method.objective != "prune":
-        raise ConfigError("method.objective", f"runner=prune needs method=prune, got {cfg.method.objective!r}")
+    require_method(cfg, "prune")
     if cfg.model.quantization != "none":
         raise ConfigError("model.quantization", f"pruning needs full-precision weights, got "
                                                 f"{cfg.model.quantization!r}; use model.quantization=none "

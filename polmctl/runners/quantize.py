@@ -33,6 +33,7 @@ import torch
 
 from polmctl.compress import quantize as Q
 from polmctl.config.schema import ConfigError, ModelConfig, RunConfig
+from polmctl.config.validate import require_method
 from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb, write_json
 from polmctl.engine.progress import console, summary_table
@@ -132,9 +133,7 @@ def _run(cfg: RunConfig, m: Q.QuantizeMethod, device: torch.device, run_dir: Pat
 
 def _check_config(cfg: RunConfig) -> None:
     """What the method schema cannot see: the rest of the run must fit a one-shot quantization."""
-    if getattr(cfg.method, "objective", None) != "quantize":
-        raise ConfigError("method.objective", f"runner=quantize needs method=quantize, got "
-                                              f"{getattr(cfg.method, 'objective', None)!r}")
+    require_method(cfg, "quantize")
     if cfg.model.quantization != "none":
         raise ConfigError("model.quantization", f"got {cfg.model.quantization!r}; the quantize recipe loads the "
                                                 "source in full precision and takes the scheme from method.scheme: "

@@ -27,6 +27,7 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from polmctl.config.schema import ConfigError, RunConfig
+from polmctl.config.validate import require_method
 from polmctl.data import load_rows
 from polmctl.engine.device import make_accelerator
 from polmctl.engine.metrics import peak_memory_mb, write_json
@@ -120,9 +121,7 @@ def run_vlm(cfg: RunConfig) -> dict[str, Any]:
 def _check_config(cfg: RunConfig) -> None:
     """What the method schema cannot see: the rest of the run must fit the vlm runner."""
     m = cfg.method
-    if getattr(m, "objective", None) != "vlm":
-        raise ConfigError("method.objective", f"runner=vlm needs method=vlm, got {getattr(m, 'objective', None)!r}; "
-                                              "use recipe=vlm_adapter")
+    require_method(cfg, "vlm")
     if cfg.resume is not None:
         raise ConfigError("resume", "vlm runs do not resume yet; start a new run (resume=null)")
     if cfg.model.quantization != "none":
