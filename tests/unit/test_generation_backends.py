@@ -25,15 +25,21 @@ pytestmark = pytest.mark.unit
 TEXTS = ("hi", "a much longer prompt here", "2+2")  # three lengths: the batch is left-padded
 
 
-def varied_model(tok, method: str = "none"):
-    """The tiny model with large random weights: its greedy text varies (the stock tiny model
-    repeats its input's last byte), still deterministic."""
+def varied_base(tok, g: torch.Generator):
+    """The tiny model with large random weights drawn from ``g``: its greedy text varies (the
+    stock tiny model repeats its input's last byte), still deterministic."""
     model = build_tiny_model(tok)
-    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def varied_model(tok, method: str = "none"):
+    """``varied_base`` with an adapter (random trainable weights) that changes the output."""
+    g = torch.Generator().manual_seed(0)
+    model = varied_base(tok, g)
     model = apply_peft(model, PeftConfig(method=method, r=4, num_virtual_tokens=4), tok)
     with torch.no_grad():  # an adapter that changes the output, so dropping it would show
         for p in model.parameters():

@@ -18,6 +18,7 @@ from polmctl.models import apply_peft
 from polmctl.models.tiny import build_tiny_model
 from polmctl.rollout.backends import TransformersBackend, merged_lora
 from polmctl.rollout.sampling import SamplingOptions
+from tests.unit.test_generation_backends import varied_base
 
 pytestmark = pytest.mark.unit
 TEXTS = ("hi", "a much longer prompt here", "2+2")
@@ -26,12 +27,8 @@ TEXTS = ("hi", "a much longer prompt here", "2+2")
 def lora_model(tok, method: str = "lora", dtype=torch.float32):
     """The tiny model with large random weights (its greedy text varies) and a LoRA whose B
     matrices are seeded random, so the adapters change the output."""
-    model = build_tiny_model(tok)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = varied_base(tok, g)
     model = apply_peft(model.to(dtype), PeftConfig(method=method, r=4, dropout=0.0, num_virtual_tokens=4), tok)
     with torch.no_grad():
         for name, p in model.named_parameters():
