@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -60,6 +62,66 @@ def logits_window(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
     return labels.size(1) - start, labels[:, start:]
 
 
+@dataclass
+class LabelledLogits:
+    """The logits of one forward pass where they predict a labelled token, and nowhere else."""
+
+    logits: torch.Tensor  # [n, V]: row-major over the n labelled positions of ``mask``
+    targets: torch.Tensor  # [n]: the token each of those logits predicts
+    mask: torch.Tensor  # [B, T] on logits_window's window, shifted by one: True where a label is predicted
+    output: Any  # the model's output (hidden states, cache) with ``logits`` replaced by the [n, V] ones
+
+    def on_window(self, values: torch.Tensor) -> torch.Tensor:
+        """[n] values (one per labelled position) -> [B, T] on the window, zero elsewhere."""
+        return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
+
+
+@contextmanager
+def head_only_at(model: torch.nn.Module, select: torch.Tensor):
+    """Run the model's LM head only on the hidden states where ``select`` ([B, T], matching the
+    [B, T, H] states the head receives) is True; the model's logits come out [n, V].
+
+    transformers' ``logits_to_keep`` cuts positions from the end only, the same for every row:
+    rows padded or with prompts of different lengths still send padding and prompt positions
+    through the head (49k columns on SmolLM2, and a non-contiguous slice that runs as a batched
+    matmul). A pre-hook on the output embedding picks exactly the labelled positions instead,
+    and works for every model that calls its head as a module, whatever it does after the head
+    (logit scaling, soft-capping). Yields False, changing nothing, where the model has no such head.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+
+    def cut(module, args):
+        hidden = args[0]
+        if hidden.shape[:-1] != select.shape:
+            raise RuntimeError(f"head_only_at: the LM head got hidden states {tuple(hidden.shape)}, "
+                               f"but the selection is {tuple(select.shape)}")
+        return (hidden[select],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(cut)
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
+def labelled_logits(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, **model_kwargs) -> LabelledLogits:
+    """One forward pass whose LM head runs only where a labelled token is predicted.
+
+    ``labels`` are [B, S] with -100 where nothing is trained; the window and its shift are
+    ``logits_window``'s, so values placed with ``on_window`` line up with every other forward."""
+    keep, window = logits_window(labels)
+    targets = window[:, 1:]
+    mask = targets != IGNORE_INDEX
+    select = F.pad(mask, (0, 1))  # hidden state t predicts token t + 1; the last one predicts nothing
+    with head_only_at(model, select) as cut:
+        out = model(**inputs, logits_to_keep=keep, use_cache=False, **model_kwargs)
+    out.logits = out.logits if cut else out.logits[:, :-1][mask]
+    return LabelledLogits(logits=out.logits, targets=targets[mask], mask=mask, output=out)
+
+
 def token_logps(model: torch.nn.Module, batch: dict, *,
                 share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each labelled token ([B, T]: the window from the batch's first labelled
@@ -86,8 +148,9 @@ def policy_forward(model: torch.nn.Module, batch: dict, *, entropy: bool = False
     final hidden states (PPO's value head reads them), from the same forward pass.
 
     ``share_prompts``: rows that share a prompt run it once (objectives/shared_prompt.py; not
-    with ``hidden``). Same values up to float rounding, same layout; GRPO opts in, where G rows
-    share each prompt. Offline objectives keep the plain path, which is bit-stable across runs."""
+    with ``hidden``). Same values up to float rounding, same layout; GRPO (G rows per prompt) and
+    the pairwise objectives (chosen and rejected rows) opt in. Either way the LM head runs only
+    where a labelled token is predicted (``head_only_at``)."""
     if share_prompts and not hidden:
         from polmctl.objectives.shared_prompt import shared_prompt_logps
 
@@ -95,19 +158,17 @@ def policy_forward(model: torch.nn.Module, batch: dict, *, entropy: bool = False
         if shared is not None:
             logps, mask, ent = shared
             return PolicyForward(logps=logps, mask=mask, entropy=ent)
-    keep, labels = logits_window(batch["labels"])
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                use_cache=False, output_hidden_states=hidden)
-    logits = out.logits[:, :-1].float()
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    head = labelled_logits(model, inputs, batch["labels"], output_hidden_states=hidden)
+    logits = head.logits.float()
     normaliser = torch.logsumexp(logits, dim=-1)
-    result = PolicyForward(logps=(picked - normaliser) * mask, mask=mask)
+    picked = logits.gather(-1, head.targets.unsqueeze(-1)).squeeze(-1)
+    result = PolicyForward(logps=head.on_window(picked - normaliser), mask=head.mask)
     if entropy:
         with torch.no_grad():  # H = logsumexp(z) - sum softmax(z) z
-            result.entropy = (normaliser - (logits.softmax(-1) * logits).sum(-1)) * mask
+            result.entropy = head.on_window(normaliser - (logits.softmax(-1) * logits).sum(-1))
     if hidden:
         # hidden_states[-1] is the final (normed) state; position t predicts token t + 1.
-        result.hidden = out.hidden_states[-1][:, -keep:-1]
+        keep = head.mask.size(1) + 1
+        result.hidden = head.output.hidden_states[-1][:, -keep:-1]
     return result

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from polmctl.config.schema import ConfigError, ModelConfig, _f, one_of, positive
 from polmctl.engine.errors import TrainingError
 from polmctl.objectives import distill_losses as losses
-from polmctl.objectives.base import IGNORE_INDEX, LossTerms, logits_window
+from polmctl.objectives.base import LossTerms, labelled_logits
 from polmctl.objectives.sft import SFTMethod, SFTObjective
 from polmctl.rollout.sampling import SamplingOptions
 
@@ -195,28 +195,25 @@ class DistillObjective:
         self.vocab_size = vocab_size
 
     @torch.no_grad()
-    def teacher_logits(self, inputs: dict, keep: int) -> torch.Tensor:
+    def teacher_logits(self, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
         if self.teacher is None:
             raise TrainingError("distill: no teacher is loaded (make_batches loads it before training)")
         self.teacher.eval()
-        return self.teacher(**inputs, logits_to_keep=keep, use_cache=False).logits
+        return labelled_logits(self.teacher, inputs, labels).logits
 
     # -- the step ------------------------------------------------------------------------------
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossTerms:
         m = self.method
-        keep, labels = logits_window(batch["labels"])
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        student = model(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :-1]
-        teacher = self.teacher_logits(inputs, keep)[:, :-1]
-        labels = labels[:, 1:]
-        mask = labels != IGNORE_INDEX
+        # Both heads run on the trained positions only: [n, V] each, row-major over the same mask.
+        head = labelled_logits(model, inputs, batch["labels"])
+        student, teacher, targets = head.logits, self.teacher_logits(inputs, batch["labels"]), head.targets
         vocab = self.vocab_size or min(student.size(-1), teacher.size(-1))
-        # Only the trained positions, and only the tokenizer's ids (a head may be padded past it).
-        student, teacher = student[..., :vocab][mask].float(), teacher[..., :vocab][mask].float()
+        # Only the tokenizer's ids (a head may be padded past it).
+        student, teacher = student[..., :vocab].float(), teacher[..., :vocab].float()
         distill = losses.divergence(student, teacher, loss=m.loss, beta=m.beta, temperature=m.temperature).sum()
-        targets = labels[mask]
         on_policy = bool(batch["on_policy"].any()) if "on_policy" in batch else False
-        tokens = mask.sum()
+        tokens = head.mask.sum()
         if on_policy:  # the labels are the student's own samples: no cross-entropy on them
             nll, sft_tokens = distill.new_zeros(()), tokens.new_zeros(())
         else:

@@ -81,8 +81,9 @@ class ORPOMethod:
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each row's labelled tokens, and how many there are."""
-    logps, mask = token_logps(model, batch)
+    """Summed log-prob of each row's labelled tokens, and how many there are. A pair's chosen
+    and rejected rows share their prompt, which runs once (objectives/shared_prompt.py)."""
+    logps, mask = token_logps(model, batch, share_prompts=True)
     return (logps * mask).sum(-1), mask.sum(-1)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from polmctl.data import encode_dataset, pack_collate, pad_collate
-from polmctl.objectives.base import LossTerms, logits_window
+from polmctl.objectives.base import LossTerms, labelled_logits
 
 IGNORE_INDEX = -100
 
@@ -63,8 +63,7 @@ class SFTObjective:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossTerms:
-        keep, labels = logits_window(batch["labels"])
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        nll, count = token_nll(logits, labels)
-        return LossTerms(loss_sum=nll, weight=count, metrics={"nll_sum": nll.detach()})
+        head = labelled_logits(model, inputs, batch["labels"])  # the LM head runs on trained positions only
+        nll = F.cross_entropy(head.logits.float(), head.targets, reduction="sum")
+        return LossTerms(loss_sum=nll, weight=head.targets.numel(), metrics={"nll_sum": nll.detach()})

@@ -3,11 +3,13 @@ of it, DPO's chosen and rejected answer) reuse its keys and values, with gradien
 
     polmctl run recipe=grpo        # G rows per prompt: the prompt runs once, not G times
 
+    polmctl run recipe=dpo         # chosen and rejected answers: the prompt runs once per pair
+
 ``policy_forward(..., share_prompts=True)`` (objectives/base.py) calls ``shared_prompt_logps``
 and falls back to the plain forward where it returns None; GRPO's loss and its old and
-reference log-probs ask for it. (DPO's chosen and rejected rows share a prompt too, and this
-gives their values up to float rounding, but pairwise objectives keep the plain path: their
-runs stay bit-identical to earlier ones, which a saved reference-log-prob cache relies on.) The distinct prompts, all but their last token,
+reference log-probs ask for it, and so do the pairwise objectives (DPO, IPO, SimPO, ...) for
+the policy and the reference. The values equal the plain forward's up to float rounding
+(tests/unit/test_objective_shared_prompt.py). The distinct prompts, all but their last token,
 run through the model into a KV cache (left-padded, positions counted from each prompt's
 first token); the cache is indexed out to one entry per row, and every row then runs only
 its last prompt token and its answer on top of it. Autograd follows the indexing, so the
@@ -20,6 +22,9 @@ for generation (no gradient), not for a training forward.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from polmctl.objectives.base import head_only_at
 
 IGNORE_INDEX = -100
 
@@ -86,17 +91,19 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict, *, entropy: bool = 
         tail[i, : length - start + 1] = ids[i, start - 1 : length]
         tail_mask[i, : length - start + 1] = 1
     tail_positions = torch.tensor(starts, device=device)[:, None] - 1 + torch.arange(span, device=device)
-    out = model(input_ids=tail, attention_mask=torch.cat([prefill_mask[index], tail_mask], dim=1),
-                position_ids=tail_positions, use_cache=True, **{cache_keyword: cache})
-    logits = out.logits[:, :-1].float()
     targets, real = tail[:, 1:], tail_mask[:, 1:].bool()
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with head_only_at(model, F.pad(real, (0, 1))) as cut:  # the LM head on answer tokens only
+        out = model(input_ids=tail, attention_mask=torch.cat([prefill_mask[index], tail_mask], dim=1),
+                    position_ids=tail_positions, use_cache=True, **{cache_keyword: cache})
+    logits = (out.logits if cut else out.logits[:, :-1][real]).float()
+    picked = logits.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1)
     normaliser = torch.logsumexp(logits, dim=-1)
-    logps = (picked - normaliser) * real
+    on_tail = lambda values: values.new_zeros(real.shape).masked_scatter(real, values)  # noqa: E731
+    logps = on_tail(picked - normaliser)
     ent = None
     if entropy:
         with torch.no_grad():
-            ent = (normaliser - (logits.softmax(-1) * logits).sum(-1)) * real
+            ent = on_tail(normaliser - (logits.softmax(-1) * logits).sum(-1))
 
     # Back into the plain forward's window: from one before the batch's first labelled position,
     # shifted by one (position t predicts t + 1). Padding goes to a spare last column, dropped.

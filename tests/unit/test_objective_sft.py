@@ -1,4 +1,5 @@
-"""The SFT loss against its formula on hand-computed inputs."""
+"""The SFT loss against its formula on hand-computed inputs, and the LM head run only where a
+label is predicted (objectives/base.py: labelled_logits)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import math
 import pytest
 import torch
 
-from polmctl.objectives.base import logits_window
-from polmctl.objectives.sft import token_nll
+from polmctl.objectives.base import labelled_logits, logits_window
+from polmctl.objectives.sft import SFTMethod, SFTObjective, token_nll
 
 pytestmark = pytest.mark.unit
 
@@ -49,3 +50,47 @@ def test_windowed_logits_give_the_same_loss_as_full_logits(tiny_model):
     part = tiny_model(input_ids=ids, logits_to_keep=keep).logits
     assert part.shape[1] == keep < full.shape[1]
     torch.testing.assert_close(token_nll(part, cut)[0], token_nll(full, labels)[0], rtol=1e-5, atol=1e-5)
+
+
+def ragged_batch(pad_id: int = 0) -> tuple[dict, torch.Tensor]:
+    """Two right-padded rows whose labelled answers start and end at different positions."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (2, 12))
+    mask = torch.ones_like(ids)
+    ids[1, 9:], mask[1, 9:] = pad_id, 0
+    labels = ids.clone()
+    labels[0, :5], labels[1, :7], labels[1, 9:] = -100, -100, -100
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def test_labelled_logits_run_the_head_on_labelled_positions_only(tiny_model):
+    inputs, labels = ragged_batch()  # labels: row 0 at 5..11 (7), row 1 at 7..8 (2)
+    seen = []
+    spy = tiny_model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    head = labelled_logits(tiny_model, inputs, labels)
+    spy.remove()
+    assert seen == [torch.Size([9, tiny_model.config.hidden_size])]
+    full = tiny_model(**inputs).logits  # position t predicts the label at t + 1
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    torch.testing.assert_close(head.logits, full[rows, cols], rtol=1e-5, atol=1e-5)
+    assert head.targets.tolist() == labels[rows, cols + 1].tolist()
+    # on_window lays [n] values out like logits_window's window: from one before the first label on
+    keep, window = logits_window(labels)
+    placed = head.on_window(torch.arange(1.0, 10.0))
+    assert placed.shape == (2, keep - 1) and torch.equal(placed != 0, window[:, 1:] != -100)
+
+
+def test_the_sft_loss_on_labelled_logits_equals_token_nll_on_full_logits(tiny_model):
+    inputs, labels = ragged_batch()
+    loss = SFTObjective(SFTMethod())(tiny_model, {**inputs, "labels": labels})
+    nll, count = token_nll(tiny_model(**inputs).logits, labels)
+    assert loss.weight == count.item() == 9
+    torch.testing.assert_close(loss.loss_sum, nll, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_without_an_output_embedding_gets_its_full_logits_cut_after_the_forward(tiny_model):
+    inputs, labels = ragged_batch()
+    expected = labelled_logits(tiny_model, inputs, labels).logits
+    tiny_model.get_output_embeddings = lambda: None  # e.g. a head applied as a plain function
+    head = labelled_logits(tiny_model, inputs, labels)
+    torch.testing.assert_close(head.logits, expected, rtol=1e-5, atol=1e-5)
