@@ -129,7 +129,7 @@ class ChatSession:
 
     @torch.no_grad()
     def _generate(self, rendered: str, ids: list[int]) -> str:
-        from polmctl.rollout.generate import generate, generation_mode
+        from polmctl.rollout.generate import decoding_kwargs, generate, generation_mode
 
         s, tok = self.settings, self.tokenizer
         sample = s.temperature > 0
@@ -140,13 +140,13 @@ class ChatSession:
                             do_sample=sample, temperature=s.temperature or 1.0, top_p=s.top_p)[0]
             self.write(text)
             return text.strip()
-        sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if sample else {}
+        decoding = decoding_kwargs(sample, s.temperature or 1.0, s.top_p, 0)
         with generation_mode(self.model, tok) as device:
             input_ids = torch.tensor([ids], device=device)
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      max_new_tokens=s.max_new_tokens, do_sample=sample,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=self._stop_ids(),
-                                      streamer=WriterStreamer(tok, self.write), **sampling)
+                                      max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=self._stop_ids(), streamer=WriterStreamer(tok, self.write),
+                                      **decoding)
         return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 

@@ -29,8 +29,8 @@ from typing import Iterator, Protocol, Sequence
 import torch
 
 from polmctl.engine.errors import TrainingError
-from polmctl.rollout.generate import (_decode_without_cache, _prompt_learning, cut_completion, generation_mode,
-                                      stop_criteria)
+from polmctl.rollout.generate import (_decode_without_cache, _prompt_learning, cut_completion, decoding_kwargs,
+                                      generation_mode, stop_criteria)
 
 VLLM_MISSING = ("method.generation_backend=vllm: vLLM is not installed; install it with "
                 "pip install 'polmctl[vllm]' (CUDA only), or use method.generation_backend=transformers")
@@ -204,7 +204,6 @@ class TransformersBackend:
                  stop: Sequence[str] = (), merge_adapters: bool = True) -> list[list[int]]:
         """Like ``sample`` with every knob explicit (``do_sample=False``: greedy)."""
         G, stop = samples_per_prompt, list(stop)
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
         new_tokens: list[list[int]] = []
         with generation_mode(model, tokenizer) as device, merged_lora(model, merge_adapters):
             if _prompt_learning(model):
@@ -217,7 +216,8 @@ class TransformersBackend:
             for i in range(0, len(prompts), size):
                 out, width = generate_groups(model, tokenizer, prompts[i : i + size], G,
                                              share_prefill=self.share_prefill, stop=stop,
-                                             max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
+                                             max_new_tokens=max_new_tokens,
+                                             **decoding_kwargs(do_sample, temperature, top_p, top_k))
                 new_tokens += [cut_completion(row.tolist(), tokenizer, stop) for row in out[:, width:]]
         return new_tokens
 

@@ -9,6 +9,7 @@ from polmctl.config.schema import ModelConfig, PeftConfig
 from polmctl.data import format_prompt
 from polmctl.models import apply_peft, load_model, load_tokenizer
 from polmctl.rollout import generate
+from polmctl.rollout.generate import draw_tokens
 from polmctl.rollout.backends import TransformersBackend
 
 pytestmark = pytest.mark.unit
@@ -66,3 +67,32 @@ def greedy_by_hand(model, tok, prompt: str, steps: int = 8) -> list[int]:
                 break
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return out
+
+
+def test_draw_tokens_follows_the_softmax_and_never_draws_an_excluded_token():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    scores = probs.log().expand(40_000, -1)  # log 0 = -inf: excluded, as a top-k/top-p warper leaves it
+    drawn = draw_tokens(scores)
+    freq = torch.bincount(drawn, minlength=5).float() / drawn.numel()
+    assert freq[4] == 0
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)  # 4.5 standard errors at most
+
+
+def test_sampled_generate_draws_its_first_token_from_the_warped_softmax():
+    model, tok = adapted("none")
+    with torch.no_grad():  # a peaked next-token distribution, so that a lost temperature shows
+        model.get_output_embeddings().weight.mul_(2)
+    prompt = format_prompt("hi", tok)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1]
+    expected = (logits / 0.5).softmax(-1)
+    torch.manual_seed(0)
+    first = [c[0] for c in generate(model, tok, [prompt] * 12_000, max_new_tokens=1, batch_size=12_000, decode=False,
+                                    do_sample=True, temperature=0.5)]
+    freq = torch.bincount(torch.tensor(first), minlength=expected.numel()).float() / len(first)
+    assert 0.5 * (freq - expected).abs().sum() < 0.1  # total variation: ~0.04 by chance, 0.45 at temperature 1
+    torch.manual_seed(0)  # top_k=1 leaves one token: the greedy one
+    top1 = generate(model, tok, [prompt] * 4, max_new_tokens=1, decode=False, do_sample=True, top_k=1)
+    assert {c[0] for c in top1} == {int(logits.argmax())}

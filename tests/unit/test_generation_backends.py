@@ -186,15 +186,24 @@ def test_stop_strings_end_completions_in_the_own_decoding_loop(tiny_tokenizer):
 
 
 def test_sampling_draws_from_the_full_distribution_unless_top_k_is_set(tiny_tokenizer, monkeypatch):
-    """transformers' generate applies top_k=50 unless told otherwise; RL samples the full policy."""
+    """transformers' sampling applies top_k=50 unless told otherwise; RL samples the full policy. polmctl
+    samples through its own logits processors (rollout/generate.py: decoding_kwargs): a top-k
+    warper only when top_k is set, and never generate's own sampling (whose default would apply)."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
     tok = tiny_tokenizer
     model = varied_model(tok)
     seen = []
     real = model.generate
-    monkeypatch.setattr(model, "generate", lambda *a, **kw: seen.append(kw.get("top_k")) or real(*a, **kw))
+
+    def spy(*a, **kw):
+        seen.append((kw["do_sample"], [w.top_k for w in kw["logits_processor"] if isinstance(w, TopKLogitsWarper)]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
     TransformersBackend().sample(model, tok, [format_prompt("hi", tok)], 2, options(max_new_tokens=2))
     TransformersBackend().sample(model, tok, [format_prompt("hi", tok)], 2, options(max_new_tokens=2, top_k=5))
-    assert seen == [0, 5]
+    assert seen == [(False, []), (False, [5])]
 
 
 def test_make_backend_picks_by_name():
