@@ -76,6 +76,24 @@ def _rows_of(ids: torch.Tensor, keep: torch.Tensor) -> list[list[int]]:
     return [row[mask].tolist() for row, mask in zip(ids, keep.bool())]
 
 
+def _unpacked(batch: dict) -> dict:
+    """A padding-free packed batch (one row, positions restarting per example) as right-padded rows."""
+    if "position_ids" not in batch:
+        return batch
+    positions = batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
+    spans = list(zip(starts[:-1], starts[1:]))
+    width = max(b - a for a, b in spans)
+    out = {"input_ids": torch.zeros(len(spans), width, dtype=torch.long),
+           "attention_mask": torch.zeros(len(spans), width, dtype=torch.long),
+           "labels": torch.full((len(spans), width), IGNORE_INDEX)}
+    for i, (a, b) in enumerate(spans):
+        out["input_ids"][i, : b - a] = batch["input_ids"][0, a:b]
+        out["attention_mask"][i, : b - a] = 1
+        out["labels"][i, : b - a] = batch["labels"][0, a:b]
+    return out
+
+
 def check(w: Workload) -> Equivalence:
     side = PolmctlSide(w)
     model = side.model
@@ -93,8 +111,9 @@ def check(w: Workload) -> Equivalence:
     # Same data and masking: every row's real tokens, and which of them are trained.
     trl_trained = inputs["labels"] if "labels" in inputs else inputs["input_ids"].masked_fill(
         inputs["completion_mask"] == 0, IGNORE_INDEX)
-    same = (_rows_of(batch["input_ids"], batch["attention_mask"]) == _rows_of(inputs["input_ids"], inputs["attention_mask"])
-            and _rows_of(batch["labels"], batch["labels"] != IGNORE_INDEX) == _rows_of(trl_trained, trl_trained != IGNORE_INDEX))
+    rows = _unpacked(batch)  # polmctl's SFT packs its micro-batch (data.packing=true); TRL pads it
+    same = (_rows_of(rows["input_ids"], rows["attention_mask"]) == _rows_of(inputs["input_ids"], inputs["attention_mask"])
+            and _rows_of(rows["labels"], rows["labels"] != IGNORE_INDEX) == _rows_of(trl_trained, trl_trained != IGNORE_INDEX))
 
     def polmctl_loss():
         return side.objective(model, batch).loss_sum / side.objective.weight(batch)

@@ -95,7 +95,8 @@ class DataConfig:
     bad_rows: str = _f("skip", "preference rows with chosen == rejected, an empty answer or no room for one: "
                        "skip (counted and reported) | error")
     completion_only_loss: bool = _f(True, "train only on completion / assistant tokens (False: on every token)")
-    packing: bool = _f(False, "padding-free packing: concatenate rows into one sequence with per-row positions")
+    packing: bool = _f(False, "padding-free packing: a micro-batch's rows as one sequence with per-row positions, each row "
+                                 "attending to itself only (models/packed_attention.py); the SFT recipes turn it on")
     shuffle: bool = _f(True, "shuffle rows each epoch (seeded by the run seed)")
     options: Dict[str, Any] = _f({}, "options for builtin generators, e.g. {n: 2000, max_operand: 50, ops: '+-*'}")
     hub_config: Optional[str] = _f(None, "hub dataset config name (datasets.load_dataset's second argument)")

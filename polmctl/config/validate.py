@@ -84,6 +84,11 @@ def validate(cfg: DictConfig) -> RunConfig:
         require_method(run, run.runner)
     if run.runner == "train":
         _check_eval_fits_model(run, objective)
+    if run.data.packing and run.peft.method in ("prompt_tuning", "prefix_tuning"):
+        # A packed micro-batch is one sequence: the soft prompt or prefix would precede only its first row.
+        raise ConfigError("data.packing", f"cannot pack rows with peft.method={run.peft.method} (the virtual "
+                                          "tokens would precede only the first row of each pack); set "
+                                          "data.packing=false")
     if run.resume not in (None, "auto") and not run.resume:
         raise ConfigError("resume", "use auto or a checkpoint path")
     return run

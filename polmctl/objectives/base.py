@@ -112,6 +112,10 @@ def labelled_logits(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, 
 
     ``labels`` are [B, S] with -100 where nothing is trained; the window and its shift are
     ``logits_window``'s, so values placed with ``on_window`` line up with every other forward."""
+    if "position_ids" in inputs and "attention_mask" not in inputs:  # a padding-free packed batch
+        from polmctl.models.packed_attention import use_packed_attention
+
+        use_packed_attention(model)  # each packed row attends to itself alone, at its own length
     keep, window = logits_window(labels)
     targets = window[:, 1:]
     mask = targets != IGNORE_INDEX

@@ -33,10 +33,12 @@ def test_every_recipe_composes_and_validates(recipe):
 
 
 # Options that only make sense beside another choice: a reward-model eval needs a reward
-# model; a non-training method needs its own runner.
+# model; a non-training method needs its own runner; virtual-token adapters do not pack (the default
+# recipe, lora, packs its SFT micro-batches).
 COMPANIONS = {("eval", "reward"): ["recipe=reward_model"], ("method", "reward_model"): ["eval=reward"],
               ("method", "prune"): ["runner=prune"], ("method", "quantize"): ["runner=quantize"],
-              ("method", "pipeline"): ["runner=pipeline"]}
+              ("method", "pipeline"): ["runner=pipeline"], ("peft", "prompt_tuning"): ["data.packing=false"],
+              ("peft", "prefix_tuning"): ["data.packing=false"]}
 
 
 @pytest.mark.parametrize("group,option", list(group_options()))

@@ -38,7 +38,7 @@ class OutOfMemoryAbove:
 
 
 def _trainer(run_dir, *, max_rows_in_memory: int | None, auto_batch: bool, batches=None):
-    cfg = validate(compose_config(["recipe=sft", "model=tiny", "eval.tasks=[]", "data.max_rows=32",
+    cfg = validate(compose_config(["recipe=sft", "model=tiny", "eval.tasks=[]", "data.max_rows=32", "data.packing=false",
                                    "trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.grad_accum=2",
                                    "trainer.warmup_ratio=0", f"trainer.auto_batch={str(auto_batch).lower()}",
                                    f"output_dir={run_dir}"]))
