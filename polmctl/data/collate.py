@@ -3,11 +3,11 @@
     polmctl run recipe=continued_pretraining data.packing=true
 
 Packing concatenates a micro-batch's rows into one sequence whose position_ids restart
-at 0 for each row. Given position_ids and no attention_mask (and no KV cache, so the
-model must be called with ``use_cache=False``), transformers derives a block-diagonal
-causal mask from the position resets (sdpa and eager attention; flash-attention uses
-them as sequence boundaries), so no token attends across rows and no compute is spent
-on padding.
+at 0 for each row (the SFT recipes' default). No token attends across rows: polmctl's
+objectives run a packed batch through ``models/packed_attention.py`` (causal SDPA per row);
+a plain transformers model called with position_ids, no attention_mask and
+``use_cache=False`` derives a block-diagonal mask from the position resets (sdpa, eager;
+flash-attention treats them as sequence boundaries). No compute is spent on padding.
 """
 
 from __future__ import annotations
