@@ -74,6 +74,8 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None):
     """
     from peft import PeftModel, get_peft_model
 
+    from polmctl.models.fused_lora import fuse_lora_layers
+
     if cfg.method not in METHODS:
         raise ModelError(f"peft.method={cfg.method!r} is unknown; use one of {', '.join(METHODS)}")
     if isinstance(model, PeftModel):
@@ -81,6 +83,7 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None):
         if loaded != cfg.method:
             raise ModelError(f"the model already carries a {loaded} adapter but peft.method={cfg.method}; set "
                              f"peft.method={loaded} to continue training it, or start from a merged or base model")
+        fuse_lora_layers(model)
         return model
     if cfg.method == "none":
         if getattr(model, "is_quantized", False):
@@ -91,7 +94,7 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None):
                 p.requires_grad_(True)
         return model
     try:
-        return get_peft_model(model, peft_config(cfg, tokenizer, model))
+        adapted = get_peft_model(model, peft_config(cfg, tokenizer, model))
     except ValueError as err:
         message = str(err).lower()
         if "target modules" in message or "target_modules" in message:
@@ -101,6 +104,8 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None):
             raise ModelError(f"peft.method={cfg.method} does not work with model.gradient_checkpointing=true "
                              "(peft refuses it); set model.gradient_checkpointing=false") from None
         raise ModelError(f"peft.method={cfg.method}: {str(err).strip().splitlines()[0]}") from err
+    fuse_lora_layers(adapted)  # LoRA's update added inside the matmul (models/fused_lora.py)
+    return adapted
 
 
 def trainable_parameter_summary(model) -> tuple[int, int]:

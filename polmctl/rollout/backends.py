@@ -122,6 +122,8 @@ def _mergeable_lora_layers(model) -> list:
     from peft.tuners.lora.variants import DoraLinearVariant
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from polmctl.models.fused_lora import FusedLoraVariant
+
     model = _unwrap(model)
     if not (hasattr(model, "merge_adapter") and hasattr(model, "peft_config")) or _prompt_learning(model):
         return []
@@ -134,7 +136,7 @@ def _mergeable_lora_layers(model) -> list:
     for layer in layers:
         if not isinstance(layer, LoraLayer) or layer.merged or layer.disable_adapters:
             return []
-        if any(type(variant) is not DoraLinearVariant for variant in layer.lora_variant.values()):
+        if any(type(variant) not in (DoraLinearVariant, FusedLoraVariant) for variant in layer.lora_variant.values()):
             return []
         for p in layer.get_base_layer().parameters(recurse=False):
             if type(p.data) is not torch.Tensor or p.dtype != torch.float32 or p.device.type == "meta":
