@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,8 +41,18 @@ COMMON = ["recipe=sft", "model=tiny", "eval=none", "eval.tasks=[]", "logger.prog
 
 
 def run_two_processes(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher and its ranks in a session of their own, so that a timeout kills every rank
+    (a rank left waiting on a collective after its peer died would otherwise outlive the test)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("the two-process run took over 300 s (every rank killed):\n" + stdout[-3000:] + stderr[-3000:])
+    done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
