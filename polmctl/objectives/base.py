@@ -68,7 +68,7 @@ class LabelledLogits:
 
     logits: torch.Tensor  # [n, V]: row-major over the n labelled positions of ``mask``
     targets: torch.Tensor  # [n]: the token each of those logits predicts
-    mask: torch.Tensor  # [B, T] on logits_window's window, shifted by one: True where a label is predicted
+    mask: torch.Tensor  # [B, T], shifted by one: True where a label is predicted (logits_window's window, or a tail)
     output: Any  # the model's output (hidden states, cache) with ``logits`` replaced by the [n, V] ones
 
     def on_window(self, values: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,17 @@ def head_only_at(model: torch.nn.Module, select: torch.Tensor):
         handle.remove()
 
 
+def forward_with_logits_at(model: torch.nn.Module, predicts: torch.Tensor, **forward) -> Any:
+    """``model(**forward)`` with its logits only where ``predicts`` ([B, T - 1] over the T input
+    positions: True where token t + 1 is scored) is True: ``output.logits`` is [n, V], row-major.
+    The head runs on those positions only (``head_only_at``), or, for a model without a head
+    module, the full logits are cut after the forward."""
+    with head_only_at(model, F.pad(predicts, (0, 1))) as cut:  # the last position predicts nothing
+        out = model(**forward)
+    out.logits = out.logits if cut else out.logits[:, :-1][predicts]
+    return out
+
+
 def labelled_logits(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, **model_kwargs) -> LabelledLogits:
     """One forward pass whose LM head runs only where a labelled token is predicted.
 
@@ -119,10 +130,7 @@ def labelled_logits(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, 
     keep, window = logits_window(labels)
     targets = window[:, 1:]
     mask = targets != IGNORE_INDEX
-    select = F.pad(mask, (0, 1))  # hidden state t predicts token t + 1; the last one predicts nothing
-    with head_only_at(model, select) as cut:
-        out = model(**inputs, logits_to_keep=keep, use_cache=False, **model_kwargs)
-    out.logits = out.logits if cut else out.logits[:, :-1][mask]
+    out = forward_with_logits_at(model, mask, **inputs, logits_to_keep=keep, use_cache=False, **model_kwargs)
     return LabelledLogits(logits=out.logits, targets=targets[mask], mask=mask, output=out)
 
 

@@ -22,9 +22,8 @@ for generation (no gradient), not for a training forward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from polmctl.objectives.base import head_only_at
+from polmctl.objectives.base import LabelledLogits, forward_with_logits_at
 
 IGNORE_INDEX = -100
 
@@ -92,18 +91,18 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict, *, entropy: bool = 
         tail_mask[i, : length - start + 1] = 1
     tail_positions = torch.tensor(starts, device=device)[:, None] - 1 + torch.arange(span, device=device)
     targets, real = tail[:, 1:], tail_mask[:, 1:].bool()
-    with head_only_at(model, F.pad(real, (0, 1))) as cut:  # the LM head on answer tokens only
-        out = model(input_ids=tail, attention_mask=torch.cat([prefill_mask[index], tail_mask], dim=1),
-                    position_ids=tail_positions, use_cache=True, **{cache_keyword: cache})
-    logits = (out.logits if cut else out.logits[:, :-1][real]).float()
-    picked = logits.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1)
+    out = forward_with_logits_at(model, real, input_ids=tail, position_ids=tail_positions, use_cache=True,
+                                 attention_mask=torch.cat([prefill_mask[index], tail_mask], dim=1),
+                                 **{cache_keyword: cache})  # the LM head on answer tokens only
+    head = LabelledLogits(logits=out.logits, targets=targets[real], mask=real, output=out)
+    logits = head.logits.float()
+    picked = logits.gather(-1, head.targets.unsqueeze(-1)).squeeze(-1)
     normaliser = torch.logsumexp(logits, dim=-1)
-    on_tail = lambda values: values.new_zeros(real.shape).masked_scatter(real, values)  # noqa: E731
-    logps = on_tail(picked - normaliser)
+    logps = head.on_window(picked - normaliser)  # [rows, span - 1] on the tail, zero on padding
     ent = None
     if entropy:
         with torch.no_grad():
-            ent = on_tail(normaliser - (logits.softmax(-1) * logits).sum(-1))
+            ent = head.on_window(normaliser - (logits.softmax(-1) * logits).sum(-1))
 
     # Back into the plain forward's window: from one before the batch's first labelled position,
     # shifted by one (position t predicts t + 1). Padding goes to a spare last column, dropped.
