@@ -8,15 +8,16 @@ launcher.num_processes=2 ...``, which re-runs the command under ``accelerate lau
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -40,18 +41,22 @@ COMMON = ["recipe=sft", "model=tiny", "eval=none", "eval.tasks=[]", "logger.prog
           *STEPS, "trainer.micro_batch_size=1", "trainer.grad_accum=2"]
 
 
-def run_two_processes(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run a launcher and its ranks in a session of their own, so that a timeout kills every rank
-    (a rank left waiting on a collective after its peer died would otherwise outlive the test)."""
+def run_two_processes(command: list[str], cwd: Path | None = None,
+                      timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a launcher and its ranks; on a timeout kill the whole process tree. torch's elastic agent
+    starts each rank in a session of its own, so killing the launcher's group would leave a rank
+    waiting on a collective after its peer died, holding the output pipes open."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("the two-process run took over 300 s (every rank killed):\n" + stdout[-3000:] + stderr[-3000:])
+        for child in [*psutil.Process(proc.pid).children(recursive=True), proc]:  # ranks first, then the launcher
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"the two-process run took over {timeout} s (every rank killed):\n"
+                    + stdout[-3000:] + stderr[-3000:])
     done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
