@@ -122,15 +122,22 @@ def labelled_logits(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, 
     """One forward pass whose LM head runs only where a labelled token is predicted.
 
     ``labels`` are [B, S] with -100 where nothing is trained; the window and its shift are
-    ``logits_window``'s, so values placed with ``on_window`` line up with every other forward."""
+    ``logits_window``'s, so values placed with ``on_window`` line up with every other forward.
+    A packed batch runs row by row, the prefix its rows share once (models/packed_attention.py);
+    its logits and targets are the same, in the same order, but ``output`` is the shared pack's."""
+    run_inputs, run_labels = inputs, labels
     if "position_ids" in inputs and "attention_mask" not in inputs:  # a padding-free packed batch
-        from polmctl.models.packed_attention import use_packed_attention
+        from polmctl.models.packed_attention import share_common_prefix, use_packed_attention
 
-        use_packed_attention(model)  # each packed row attends to itself alone, at its own length
-    keep, window = logits_window(labels)
+        # each packed row attends to itself alone (and to the prefix it shares), at its own length
+        if use_packed_attention(model) and not model_kwargs.get("output_hidden_states"):
+            run_inputs, run_labels = share_common_prefix(inputs, labels) or (inputs, labels)
+    keep, window = logits_window(run_labels)
+    predicts = window[:, 1:] != IGNORE_INDEX
+    out = forward_with_logits_at(model, predicts, **run_inputs, logits_to_keep=keep, use_cache=False, **model_kwargs)
+    _, window = logits_window(labels)
     targets = window[:, 1:]
     mask = targets != IGNORE_INDEX
-    out = forward_with_logits_at(model, mask, **inputs, logits_to_keep=keep, use_cache=False, **model_kwargs)
     return LabelledLogits(logits=out.logits, targets=targets[mask], mask=mask, output=out)
 
 
