@@ -11,7 +11,8 @@ reference log-probs ask for it, and so do the pairwise objectives (DPO, IPO, Sim
 the policy and the reference. The values equal the plain forward's up to float rounding
 (tests/unit/test_objective_shared_prompt.py). The distinct prompts, all but their last token,
 run through the model into a KV cache (left-padded, positions counted from each prompt's
-first token); the cache is indexed out to one entry per row, and every row then runs only
+first token; the tokens all of them open with, a chat template's system prompt, run once before
+the rest); the cache is indexed out to one entry per row, and every row then runs only
 its last prompt token and its answer on top of it. Autograd follows the indexing, so the
 prompt's activations get the summed gradient of all the rows that read them. The result is
 laid out exactly as the plain forward's window, so precomputed old or reference log-probs
@@ -46,6 +47,15 @@ def _layout(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     return starts, lengths
 
 
+def _common_length(prompts: list[tuple[int, ...]]) -> int:
+    """How many tokens all ``prompts`` open with, leaving each at least one token of its own."""
+    limit = min(map(len, prompts)) - 1
+    length = 0
+    while length < limit and len({tokens[length] for tokens in prompts}) == 1:
+        length += 1
+    return length
+
+
 def shared_prompt_logps(model: torch.nn.Module, batch: dict, *, entropy: bool = False):
     """``PolicyForward`` fields (logps, mask, entropy) from a shared-prompt forward, or None
     when the batch's rows share no prompt or do not have the prompt-then-answer layout."""
@@ -66,16 +76,25 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict, *, entropy: bool = 
         return None  # nothing to share
     device, pad = ids.device, 0
 
-    # The distinct prompts less their last token, left-padded, into a cache.
-    width = max(map(len, prompts))
-    prefill = torch.full((len(prompts), width), pad, dtype=ids.dtype, device=device)
-    prefill_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for tokens, j in prompts.items():
-        prefill[j, width - len(tokens):] = torch.tensor(tokens, dtype=ids.dtype, device=device)
-        prefill_mask[j, width - len(tokens):] = 1
-    positions = (prefill_mask.cumsum(-1) - 1).clamp(min=0)
+    # The distinct prompts less their last token, into a cache: the tokens all of them open with
+    # (a chat template's system prompt) run once, then the rest of each prompt, left-padded.
+    distinct = list(prompts)  # in order of their index
+    common = _common_length(distinct) if len(distinct) > 1 else 0
     cache_keyword = _cache_keyword(model)
     cache = DynamicCache(config=model.config)
+    if common:
+        model(input_ids=ids.new_tensor([distinct[0][:common]]), position_ids=torch.arange(common, device=device)[None],
+              use_cache=True, logits_to_keep=1, **{cache_keyword: cache})
+        cache.batch_repeat_interleave(len(distinct))
+    width = max(len(tokens) - common for tokens in distinct)
+    prefill = torch.full((len(distinct), width), pad, dtype=ids.dtype, device=device)
+    prefill_mask = torch.zeros((len(distinct), width), dtype=torch.long, device=device)
+    for j, tokens in enumerate(distinct):
+        rest = tokens[common:]
+        prefill[j, width - len(rest):] = torch.tensor(rest, dtype=ids.dtype, device=device)
+        prefill_mask[j, width - len(rest):] = 1
+    positions = common + (prefill_mask.cumsum(-1) - 1).clamp(min=0)
+    prefill_mask = torch.cat([prefill_mask.new_ones(len(distinct), common), prefill_mask], dim=1)
     model(input_ids=prefill, attention_mask=prefill_mask, position_ids=positions, use_cache=True,
           logits_to_keep=1, **{cache_keyword: cache})
     index = torch.tensor(owner, device=device)

@@ -26,12 +26,14 @@ def lora_model(tiny_model):
     return model
 
 
-def group_batch(pad_id: int, prompt_lengths=(7, 12, 4), group: int = 3) -> dict:
-    """Prompts of different lengths, ``group`` answers of 1-5 tokens each, as GRPO lays them out."""
+def group_batch(pad_id: int, prompt_lengths=(7, 12, 4), group: int = 3, opening: list[int] = ()) -> dict:
+    """Prompts of different lengths, each after ``opening`` (a system prompt), ``group`` answers of
+    1-5 tokens each, as GRPO lays them out."""
     gen = torch.Generator().manual_seed(1)
     seqs, labels = [], []
     for n in prompt_lengths:
-        prompt = torch.randint(5, 200, (n,), generator=gen).tolist()
+        prompt = list(opening) + torch.randint(5, 200, (n,), generator=gen).tolist()
+        n += len(opening)
         for _ in range(group):
             answer = torch.randint(5, 200, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist()
             seqs.append(prompt + answer)
@@ -47,11 +49,11 @@ def forward_and_grad(model, batch, *, shared: bool):
     return out, grad
 
 
-@pytest.mark.parametrize("make", ["groups", "preference"])
+@pytest.mark.parametrize("make", ["groups", "groups_after_a_system_prompt", "preference"])
 def test_shared_forward_matches_the_plain_one(lora_model, tiny_tokenizer, make):
     pad = tiny_tokenizer.pad_token_id
-    if make == "groups":
-        batch = group_batch(pad)
+    if make.startswith("groups"):
+        batch = group_batch(pad, opening=[7, 8, 9, 10, 11] if make.endswith("prompt") else [])
     else:  # chosen i and rejected i share prompt i, B rows apart
         examples = [{"prompt_ids": list(range(10 + i, 20 + 2 * i)), "chosen_ids": [40 + i, 41, 42][: 1 + i],
                      "rejected_ids": [50, 51 + i]} for i in range(3)]
@@ -81,3 +83,15 @@ def test_batches_it_cannot_share_take_the_plain_path(lora_model, tiny_tokenizer)
                                                          pad)) is not None
     packed = {**group_batch(pad), "position_ids": torch.zeros(9, 1, dtype=torch.long)}
     assert shared_prompt_logps(lora_model, packed) is None
+
+
+def test_the_opening_all_prompts_share_runs_once(lora_model, tiny_tokenizer):
+    opening, lengths = [7, 8, 9, 10, 11], (7, 12, 4)
+    batch = group_batch(tiny_tokenizer.pad_token_id, lengths, opening=opening)
+    seen = []
+    hook = lora_model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    with torch.no_grad():
+        shared_prompt_logps(lora_model, batch)
+    hook.remove()
+    # the opening once; each prompt's rest less its last token, left-padded; then every row's tail
+    assert seen[:2] == [(1, len(opening)), (len(lengths), max(lengths) - 1)]
