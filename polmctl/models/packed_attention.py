@@ -62,7 +62,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             rows.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
                                                dropout=dropout, scaling=scaling, is_causal=True)[0])
             continue
-        if a == 0 or first > root_end - root:
+        if first > root_end - root:  # (also a pack whose first run does not start at 0)
             raise ValueError(f"packed_sdpa: a packed run starts at position {first}, but the row it would continue "
                              f"has {root_end - root} tokens; position_ids must restart at 0 for each row "
                              "(data/collate.py pack_collate) or continue a shared prefix (share_common_prefix)")
@@ -73,6 +73,15 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         rows.append(sdpa_attention_forward(module, query[:, :, a:b], keys, values, visible[None, None],
                                            dropout=dropout, scaling=scaling, is_causal=False)[0])
     return torch.cat(rows, dim=1), None
+
+
+def common_prefix_length(sequences: list) -> int:
+    """How many tokens all ``sequences`` open with, leaving each at least one token of its own."""
+    limit = min(map(len, sequences)) - 1
+    length = 0
+    while length < limit and len({tokens[length] for tokens in sequences}) == 1:
+        length += 1
+    return length
 
 
 def share_common_prefix(inputs: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor] | None:
@@ -92,15 +101,13 @@ def share_common_prefix(inputs: dict, labels: torch.Tensor) -> tuple[dict, torch
     starts = [t for t, p in enumerate(pos) if p == 0]
     if len(starts) < 2 or starts[0] != 0:
         return None
-    limit = len(pos)
-    for a, b in zip(starts, starts[1:] + [len(pos)]):
+    rows, limit = list(zip(starts, starts[1:] + [len(pos)])), len(pos)
+    for a, b in rows:
         if pos[a:b] != list(range(b - a)):
             return None  # runs that already continue one another
         first_label = next((t for t in range(a, b) if trained[t]), b)
-        limit = min(limit, b - a - 1, first_label - a - 1)  # a non-empty rest; the token after unlabelled
-    shared = 0
-    while shared < limit and all(ids[a + shared] == ids[shared] for a in starts[1:]):
-        shared += 1
+        limit = min(limit, first_label - a - 1)  # the token after the prefix unlabelled
+    shared = min(limit, common_prefix_length([ids[a:b] for a, b in rows]))
     if shared == 0:
         return None
     keep = torch.ones(positions.size(1), dtype=torch.bool, device=positions.device)

@@ -135,7 +135,8 @@ def labelled_logits(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, 
     keep, window = logits_window(run_labels)
     predicts = window[:, 1:] != IGNORE_INDEX
     out = forward_with_logits_at(model, predicts, **run_inputs, logits_to_keep=keep, use_cache=False, **model_kwargs)
-    _, window = logits_window(labels)
+    if run_labels is not labels:  # the shared pack: same targets in the same order, on the caller's layout
+        _, window = logits_window(labels)
     targets = window[:, 1:]
     mask = targets != IGNORE_INDEX
     return LabelledLogits(logits=out.logits, targets=targets[mask], mask=mask, output=out)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from polmctl.models.packed_attention import common_prefix_length
 from polmctl.objectives.base import LabelledLogits, forward_with_logits_at
 
 IGNORE_INDEX = -100
@@ -45,15 +46,6 @@ def _layout(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not (right_padded and answer_only) or (starts < 2).any():
         return None
     return starts, lengths
-
-
-def _common_length(prompts: list[tuple[int, ...]]) -> int:
-    """How many tokens all ``prompts`` open with, leaving each at least one token of its own."""
-    limit = min(map(len, prompts)) - 1
-    length = 0
-    while length < limit and len({tokens[length] for tokens in prompts}) == 1:
-        length += 1
-    return length
 
 
 def shared_prompt_logps(model: torch.nn.Module, batch: dict, *, entropy: bool = False):
@@ -79,7 +71,7 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict, *, entropy: bool = 
     # The distinct prompts less their last token, into a cache: the tokens all of them open with
     # (a chat template's system prompt) run once, then the rest of each prompt, left-padded.
     distinct = list(prompts)  # in order of their index
-    common = _common_length(distinct) if len(distinct) > 1 else 0
+    common = common_prefix_length(distinct) if len(distinct) > 1 else 0
     cache_keyword = _cache_keyword(model)
     cache = DynamicCache(config=model.config)
     if common:
