@@ -72,12 +72,22 @@ def test_run_writes_metrics_checkpoints_and_summary(train_recipe):
 
 
 def test_gradient_accumulation_matches_one_big_batch(train_recipe, tmp_path):
-    common = ["data.max_rows=8", "trainer.max_steps=1", "data.shuffle=false", "trainer.lr=1e-3"]
+    """Four micro-batches of 2 accumulate the gradient of one batch of 8. Compared through one plain
+    SGD step at lr 1 (no momentum, no clipping): the weight change IS the accumulated gradient, so the
+    claim is checked on the gradients themselves, at a tolerance other CPUs' kernels stay within.
+    (Adam-stepped weights are no measure: its first step is lr * sign(g) wherever |g| >> eps, so
+    float rounding of near-zero gradients flips whole lr-sized steps between machines.)"""
+    common = ["data.max_rows=8", "trainer.max_steps=1", "data.shuffle=false", "trainer.optimizer=sgd",
+              "trainer.lr=1.0", "trainer.betas=[0.0,0.999]", "trainer.max_grad_norm=0", "trainer.scheduler=constant"]
     big = train_recipe("sft", *common, "trainer.micro_batch_size=8", "trainer.grad_accum=1", run_dir=tmp_path / "big")
     acc = train_recipe("sft", *common, "trainer.micro_batch_size=2", "trainer.grad_accum=4", run_dir=tmp_path / "acc")
     assert acc.losses[0] == pytest.approx(big.losses[0], rel=1e-5)
-    for (name, p), (_, q) in zip(big.model.named_parameters(), acc.model.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    grads_big = {n: big.initial[n] - p.detach().cpu() for n, p in big.model.named_parameters() if n in big.initial}
+    grads_acc = {n: acc.initial[n] - p.detach().cpu() for n, p in acc.model.named_parameters() if n in acc.initial}
+    scale = max(g.abs().max().item() for g in grads_big.values())
+    assert scale > 0
+    for name, g in grads_big.items():
+        torch.testing.assert_close(grads_acc[name], g, rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
 def test_same_seed_same_curve(train_recipe, tmp_path):
