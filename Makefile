@@ -1,4 +1,4 @@
-# polmctl: make demo (train LoRA on SmolLM2 and report accuracy before/after), make test.
+# polmctl: make demo (train LoRA on SmolLM2 and report accuracy before/after), make test, make lint.
 # Every target sets the environment up first; setup is a no-op when nothing changed.
 
 PYTHON ?= python3
@@ -35,7 +35,8 @@ bench: setup
 	$(PY) benchmarks/rollout_prefill.py
 
 lint: setup
-	$(PY) -m compileall -q polmctl
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,7 +1,7 @@
 """Before timing: do polmctl and TRL compute the same loss on the same first batch?
 
     .venv/bin/python benchmarks/vs_trl.py --check-only --model tiny          # every method, seconds
-    OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/unit/test_bench_vs_trl.py
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/benchmarks/test_vs_trl.py
 
 One LoRA model serves both sides, its adapters' B matrices set to seeded random values (at
 init B = 0, the policy equals its reference and DPO's loss is log 2 whatever the code does).
@@ -21,7 +21,6 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
-
 from _polmctl_side import PolmctlSide, first_batch
 from _trl_side import build_trainer
 from _workload import Workload
@@ -50,9 +49,17 @@ class Equivalence:
         return self.same_tokens and loss_ok and self.grad_rel_diff <= GRAD_RTOL
 
     def as_dict(self) -> dict:
-        return {"same_tokens": self.same_tokens, "polmctl_loss": self.polmctl_loss, "trl_loss": self.trl_loss,
-                "loss_rel_diff": self.loss_rel_diff, "grad_rel_diff": self.grad_rel_diff, "ok": self.ok,
-                "loss_rtol": LOSS_RTOL, "grad_rtol": GRAD_RTOL, "note": self.note}
+        return {
+            "same_tokens": self.same_tokens,
+            "polmctl_loss": self.polmctl_loss,
+            "trl_loss": self.trl_loss,
+            "loss_rel_diff": self.loss_rel_diff,
+            "grad_rel_diff": self.grad_rel_diff,
+            "ok": self.ok,
+            "loss_rtol": LOSS_RTOL,
+            "grad_rtol": GRAD_RTOL,
+            "note": self.note,
+        }
 
 
 def perturb_adapters(model: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
@@ -84,9 +91,11 @@ def _unpacked(batch: dict) -> dict:
     starts = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
     spans = list(zip(starts[:-1], starts[1:]))
     width = max(b - a for a, b in spans)
-    out = {"input_ids": torch.zeros(len(spans), width, dtype=torch.long),
-           "attention_mask": torch.zeros(len(spans), width, dtype=torch.long),
-           "labels": torch.full((len(spans), width), IGNORE_INDEX)}
+    out = {
+        "input_ids": torch.zeros(len(spans), width, dtype=torch.long),
+        "attention_mask": torch.zeros(len(spans), width, dtype=torch.long),
+        "labels": torch.full((len(spans), width), IGNORE_INDEX),
+    }
     for i, (a, b) in enumerate(spans):
         out["input_ids"][i, : b - a] = batch["input_ids"][0, a:b]
         out["attention_mask"][i, : b - a] = 1
@@ -109,11 +118,15 @@ def check(w: Workload) -> Equivalence:
     batch = first_batch(side)
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     # Same data and masking: every row's real tokens, and which of them are trained.
-    trl_trained = inputs["labels"] if "labels" in inputs else inputs["input_ids"].masked_fill(
-        inputs["completion_mask"] == 0, IGNORE_INDEX)
+    trl_trained = (
+        inputs["labels"]
+        if "labels" in inputs
+        else inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+    )
     rows = _unpacked(batch)  # polmctl's SFT packs its micro-batch (data.packing=true); TRL pads it
-    same = (_rows_of(rows["input_ids"], rows["attention_mask"]) == _rows_of(inputs["input_ids"], inputs["attention_mask"])
-            and _rows_of(rows["labels"], rows["labels"] != IGNORE_INDEX) == _rows_of(trl_trained, trl_trained != IGNORE_INDEX))
+    same = _rows_of(rows["input_ids"], rows["attention_mask"]) == _rows_of(
+        inputs["input_ids"], inputs["attention_mask"]
+    ) and _rows_of(rows["labels"], rows["labels"] != IGNORE_INDEX) == _rows_of(trl_trained, trl_trained != IGNORE_INDEX)
 
     def polmctl_loss():
         return side.objective(model, batch).loss_sum / side.objective.weight(batch)
@@ -135,11 +148,15 @@ def _trl_grpo_inputs(batch: dict, pad_id: int) -> dict:
         completions.append(real[start:])
     width_p, width_c = max(map(len, prompts)), max(map(len, completions))
     n = len(prompts)
-    out = {"prompt_ids": torch.full((n, width_p), pad_id), "prompt_mask": torch.zeros(n, width_p, dtype=torch.long),
-           "completion_ids": torch.full((n, width_c), pad_id),
-           "completion_mask": torch.zeros(n, width_c, dtype=torch.long), "advantages": batch["advantages"].float()}
+    out = {
+        "prompt_ids": torch.full((n, width_p), pad_id),
+        "prompt_mask": torch.zeros(n, width_p, dtype=torch.long),
+        "completion_ids": torch.full((n, width_c), pad_id),
+        "completion_mask": torch.zeros(n, width_c, dtype=torch.long),
+        "advantages": batch["advantages"].float(),
+    }
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        out["prompt_ids"][i, width_p - len(p):], out["prompt_mask"][i, width_p - len(p):] = p, 1
+        out["prompt_ids"][i, width_p - len(p) :], out["prompt_mask"][i, width_p - len(p) :] = p, 1
         out["completion_ids"][i, : len(c)], out["completion_mask"][i, : len(c)] = c, 1
     out["num_items_in_batch"] = out["completion_mask"].sum()
     return out
@@ -157,7 +174,10 @@ def _check_grpo(side: PolmctlSide, trainer) -> Equivalence:
 
     p_loss, p_grad = _loss_and_grad(model, polmctl_loss)
     t_loss, t_grad = _loss_and_grad(model, lambda: trainer._compute_loss(trainer.model, inputs))
-    note = ("GRPO: TRL scored polmctl's sampled completions (same rows); on-policy the loss is -mean(A), "
-            "the gradient carries the log-probs")
-    return Equivalence("grpo", True, p_loss, t_loss, ((p_grad - t_grad).norm() / t_grad.norm().clamp(min=1e-12)).item(),
-                       note)
+    note = (
+        "GRPO: TRL scored polmctl's sampled completions (same rows); on-policy the loss is -mean(A), "
+        "the gradient carries the log-probs"
+    )
+    return Equivalence(
+        "grpo", True, p_loss, t_loss, ((p_grad - t_grad).norm() / t_grad.norm().clamp(min=1e-12)).item(), note
+    )

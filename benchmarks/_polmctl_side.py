@@ -15,32 +15,54 @@ import time
 from pathlib import Path
 
 import torch
+from _workload import DATA, RECIPES, Workload
 from accelerate.utils import set_seed
 
-from _workload import DATA, RECIPES, Workload
-from polmctl.config.compose import compose_config
-from polmctl.config.validate import validate
+from polmctl.compose import compose_config
 from polmctl.data import load_rows
 from polmctl.engine.device import make_accelerator
 from polmctl.engine.metrics import MetricsLog
 from polmctl.engine.trainer import Trainer
+from polmctl.methods.registry import build_objective
 from polmctl.models import apply_peft, load_model, load_tokenizer
-from polmctl.objectives import build_objective
+from polmctl.validate import validate
 
 
 def polmctl_overrides(w: Workload, run_dir: Path) -> list[str]:
     model = "model=tiny" if w.model == "tiny" else f"model.name_or_path={w.model_name}"
-    overrides = [f"recipe={RECIPES[w.method]}", model, f"model.dtype={w.dtype}", "eval=none", "eval.tasks=[]",
-                 "logger.progress=false", "trainer.device=cpu", "trainer.warmup_ratio=0", "trainer.scheduler=constant",
-                 f"trainer.lr={w.lr}", f"trainer.max_steps={w.steps}", f"trainer.micro_batch_size={w.micro_batch_size}",
-                 f"trainer.grad_accum={w.grad_accum}", f"data.source={DATA[w.method]}", f"data.max_rows={w.rows_needed}",
-                 "data.shuffle=false", f"data.max_length={w.max_length}", "peft.dropout=0", f"peft.r={w.lora_r}",
-                 f"peft.alpha={w.lora_alpha}", f"seed={w.seed}", f"output_dir={run_dir}"]
+    overrides = [
+        f"recipe={RECIPES[w.method]}",
+        model,
+        f"model.dtype={w.dtype}",
+        "eval=none",
+        "eval.tasks=[]",
+        "logger.progress=false",
+        "trainer.device=cpu",
+        "trainer.warmup_ratio=0",
+        "trainer.scheduler=constant",
+        f"trainer.lr={w.lr}",
+        f"trainer.max_steps={w.steps}",
+        f"trainer.micro_batch_size={w.micro_batch_size}",
+        f"trainer.grad_accum={w.grad_accum}",
+        f"data.source={DATA[w.method]}",
+        f"data.max_rows={w.rows_needed}",
+        "data.shuffle=false",
+        f"data.max_length={w.max_length}",
+        "peft.dropout=0",
+        f"peft.r={w.lora_r}",
+        f"peft.alpha={w.lora_alpha}",
+        f"seed={w.seed}",
+        f"output_dir={run_dir}",
+    ]
     if w.method == "dpo":
         overrides += [f"method.beta={w.beta}"]
     if w.method == "grpo":
-        overrides += [f"method.num_generations={w.num_generations}", f"method.max_new_tokens={w.max_new_tokens}",
-                      f"method.temperature={w.temperature}", "method.beta=0.0"]
+        overrides += [
+            f"method.num_generations={w.num_generations}",
+            f"method.max_new_tokens={w.max_new_tokens}",
+            f"method.temperature={w.temperature}",
+            "method.beta=0.0",
+        ]
     return overrides
 
 
@@ -61,20 +83,35 @@ class PolmctlSide:
         self.examples = examples
         model = load_model(cfg.model, device=acc.device, for_training=True, pad_token_id=self.tokenizer.pad_token_id)
         self.model = apply_peft(model, cfg.peft, self.tokenizer)
-        online = hasattr(self.objective, "make_batches")
-        batches = (self.objective.make_batches(examples, model=self.model, tokenizer=self.tokenizer, cfg=cfg,
-                                               accelerator=acc) if online else None)
-        self.trainer = Trainer(cfg=cfg.trainer, model=self.model, objective=self.objective, examples=examples,
-                               collate=getattr(self.objective, "collate", None), run_dir=self.run_dir,
-                               accelerator=acc, seed=cfg.seed, shuffle=False, progress=False,
-                               tokenizer=self.tokenizer, batches=batches)
-        self.setup_s = 0.0
-        if hasattr(self.objective, "prepare"):
-            started = time.perf_counter()
-            used = self.trainer.batches.sampler.upcoming(cfg.trainer.max_steps * cfg.trainer.grad_accum)
-            self.objective.prepare(self.model, [examples[i] for i in used], device=acc.device,
-                                   cache_dir=self.run_dir / "ref_logps", model_id=repr(cfg.model.name_or_path))
-            self.setup_s = time.perf_counter() - started
+        batches = self.objective.make_batches(
+            examples, model=self.model, tokenizer=self.tokenizer, cfg=cfg, accelerator=acc
+        )
+        self.trainer = Trainer(
+            cfg=cfg.trainer,
+            model=self.model,
+            objective=self.objective,
+            examples=examples,
+            collate=self.objective.collate,
+            run_dir=self.run_dir,
+            accelerator=acc,
+            seed=cfg.seed,
+            shuffle=False,
+            progress=False,
+            tokenizer=self.tokenizer,
+            batches=batches,
+        )
+        started = time.perf_counter()
+        used = (
+            self.trainer.batches.sampler.upcoming(cfg.trainer.max_steps * cfg.trainer.grad_accum) if not batches else []
+        )
+        self.objective.prepare(
+            self.model,
+            [examples[i] for i in used],
+            device=acc.device,
+            cache_dir=self.run_dir / "ref_logps",
+            model_id=repr(cfg.model.name_or_path),
+        )
+        self.setup_s = time.perf_counter() - started
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=0)
 
     def step(self) -> dict[str, float]:
@@ -85,8 +122,10 @@ class PolmctlSide:
         self.log.write({**metrics, "step": self.trainer.step})  # what polmctl run writes every step
         out = {"time_s": time.perf_counter() - started, "tokens": float(metrics["tokens"]), "loss": metrics["loss"]}
         if "rollout_time_s" in metrics:
-            out.update(rollout_s=metrics["rollout_time_s"],
-                       new_tokens=metrics["completion_length"] * self.workload.micro_batch_size * self.workload.grad_accum)
+            out.update(
+                rollout_s=metrics["rollout_time_s"],
+                new_tokens=metrics["completion_length"] * self.workload.micro_batch_size * self.workload.grad_accum,
+            )
         return out
 
     def close(self) -> None:

@@ -20,8 +20,8 @@ import threading
 import time
 
 import torch
-
 from _workload import DATA, Workload
+
 from polmctl.data import load_rows
 from polmctl.models.load import resolve_model_path
 from polmctl.rollout.rewards import math_answer
@@ -45,8 +45,10 @@ def trl_rows(w: Workload) -> list[dict]:
     if w.method == "sft":
         return [{"prompt": user(r["prompt"]), "completion": assistant(r["completion"])} for r in rows]
     if w.method == "dpo":
-        return [{"prompt": user(r["prompt"]), "chosen": assistant(r["chosen"]), "rejected": assistant(r["rejected"])}
-                for r in rows]
+        return [
+            {"prompt": user(r["prompt"]), "chosen": assistant(r["chosen"]), "rejected": assistant(r["rejected"])}
+            for r in rows
+        ]
     return [{"prompt": user(r["prompt"]), "answer": r["answer"]} for r in rows]
 
 
@@ -59,8 +61,9 @@ def trl_math_answer(prompts, completions, answer, **_) -> list[float]:
 def lora_config(w: Workload):
     from peft import LoraConfig
 
-    return LoraConfig(task_type="CAUSAL_LM", r=w.lora_r, lora_alpha=w.lora_alpha, lora_dropout=0.0,
-                      target_modules="all-linear")
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=w.lora_r, lora_alpha=w.lora_alpha, lora_dropout=0.0, target_modules="all-linear"
+    )
 
 
 def build_trainer(w: Workload, output_dir: str, callbacks=(), model=None):
@@ -78,27 +81,70 @@ def build_trainer(w: Workload, output_dir: str, callbacks=(), model=None):
     peft = None
     if model is None:
         model, peft = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, w.dtype)), lora_config(w)
-    common = dict(output_dir=output_dir, per_device_train_batch_size=w.micro_batch_size,
-                  gradient_accumulation_steps=w.grad_accum, max_steps=w.steps, learning_rate=w.lr,
-                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-                  bf16=w.dtype == "bfloat16", gradient_checkpointing=False, seed=w.seed, data_seed=w.seed,
-                  train_sampling_strategy="sequential", dataloader_num_workers=0)
+    common = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=w.micro_batch_size,
+        gradient_accumulation_steps=w.grad_accum,
+        max_steps=w.steps,
+        learning_rate=w.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        bf16=w.dtype == "bfloat16",
+        gradient_checkpointing=False,
+        seed=w.seed,
+        data_seed=w.seed,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+    )
     data = Dataset.from_list(trl_rows(w))
     if w.method == "sft":
         args = SFTConfig(max_length=w.max_length, **common)
-        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                          peft_config=peft, callbacks=list(callbacks))
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=peft,
+            callbacks=list(callbacks),
+        )
     if w.method == "dpo":
-        args = DPOConfig(max_length=w.max_length, beta=w.beta, precompute_ref_log_probs=w.trl_precompute_ref,
-                         **common)
-        return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                          peft_config=peft, callbacks=list(callbacks))
-    args = GRPOConfig(num_generations=w.num_generations, max_completion_length=w.max_new_tokens,
-                      temperature=w.temperature, top_p=1.0, top_k=0, loss_type="grpo", beta=0.0,
-                      scale_rewards="group", shuffle_dataset=False, **common)
-    return GRPOTrainer(model=model, reward_funcs=[trl_math_answer], args=args, train_dataset=data,
-                       processing_class=tokenizer, peft_config=peft, callbacks=list(callbacks))
+        args = DPOConfig(max_length=w.max_length, beta=w.beta, precompute_ref_log_probs=w.trl_precompute_ref, **common)
+        return DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=peft,
+            callbacks=list(callbacks),
+        )
+    args = GRPOConfig(
+        num_generations=w.num_generations,
+        max_completion_length=w.max_new_tokens,
+        temperature=w.temperature,
+        top_p=1.0,
+        top_k=0,
+        loss_type="grpo",
+        beta=0.0,
+        scale_rewards="group",
+        shuffle_dataset=False,
+        **common,
+    )
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=[trl_math_answer],
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=peft,
+        callbacks=list(callbacks),
+    )
 
 
 def _batch_tokens(inputs: dict) -> int:

@@ -53,7 +53,9 @@ class Workload:
 
 def default_workload(method: str, **overrides) -> Workload:
     """The shapes of the method's recipe (conf/recipe/lora.yaml, dpo.yaml, grpo.yaml)."""
-    shapes = {"sft": dict(micro_batch_size=8, grad_accum=1, lr=5e-4),
-              "dpo": dict(micro_batch_size=4, grad_accum=2, lr=5e-5),
-              "grpo": dict(micro_batch_size=16, grad_accum=2, lr=3e-4)}[method]
+    shapes = {
+        "sft": dict(micro_batch_size=8, grad_accum=1, lr=5e-4),
+        "dpo": dict(micro_batch_size=4, grad_accum=2, lr=5e-5),
+        "grpo": dict(micro_batch_size=16, grad_accum=2, lr=3e-4),
+    }[method]
     return Workload(method=method, **{**shapes, **overrides})

@@ -26,14 +26,18 @@ from polmctl.models import load_model, load_tokenizer
 from polmctl.rollout.backends import TransformersBackend
 
 MODELS = {"tiny": "builtin:tiny", "smollm2": "builtin:smollm2-135m"}
-WORDS = ("the train leaves the station at nine and arrives at noon while a second train starts two hours "
-         "later from the other end of the line at twice the speed so where do they meet and when").split()
+WORDS = (
+    "the train leaves the station at nine and arrives at noon while a second train starts two hours "
+    "later from the other end of the line at twice the speed so where do they meet and when"
+).split()
 
 
 def long_prompts(n: int, words: int) -> list[str]:
     """``n`` distinct word problems of about ``words`` words each."""
-    return [f"Problem {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words)) + ". Answer briefly."
-            for i in range(n)]
+    return [
+        f"Problem {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words)) + ". Answer briefly."
+        for i in range(n)
+    ]
 
 
 def timed(backend, model, tok, prompts, G, options, seed) -> tuple[float, float]:
@@ -78,13 +82,17 @@ def main() -> None:
             times[name].append(seconds)
             new_tokens[name].append(length)
 
-    print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} prompts={args.prompts} "
-          f"prompt_tokens={min(lengths)}-{max(lengths)} G={args.samples} max_new_tokens={args.new_tokens} "
-          f"repeats={args.repeats}")
+    print(
+        f"model={args.model} device={args.device} threads={torch.get_num_threads()} prompts={args.prompts} "
+        f"prompt_tokens={min(lengths)}-{max(lengths)} G={args.samples} max_new_tokens={args.new_tokens} "
+        f"repeats={args.repeats}"
+    )
     for name in backends:
-        print(f"  {name:9s} median {statistics.median(times[name]):.3f} s   "
-              f"(min {min(times[name]):.3f}, max {max(times[name]):.3f}; "
-              f"mean completion {statistics.mean(new_tokens[name]):.1f} tokens)")
+        print(
+            f"  {name:9s} median {statistics.median(times[name]):.3f} s   "
+            f"(min {min(times[name]):.3f}, max {max(times[name]):.3f}; "
+            f"mean completion {statistics.mean(new_tokens[name]):.1f} tokens)"
+        )
     ratio = statistics.median(times["shared"]) / statistics.median(times["unshared"])
     print(f"  shared / unshared = {ratio:.2f}")
 

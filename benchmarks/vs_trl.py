@@ -51,7 +51,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from _workload import MODELS, default_workload  # noqa: E402
 
 METHODS = ("sft", "dpo", "grpo")
@@ -84,10 +83,15 @@ def step_flops(n_params: int, step: dict) -> float:
 def summarise(steps: list[dict], n_params: int, peak: float) -> dict:
     times = [s["time_s"] for s in steps]
     # Medians throughout; FLOP/s is the median step's FLOPs over its time (one outlier step moves neither).
-    out = {"median_step_s": statistics.median(times), "min_step_s": min(times), "max_step_s": max(times),
-           "steps_timed": len(steps), "tokens_per_s": statistics.median(s["tokens"] / s["time_s"] for s in steps),
-           "achieved_gflops": statistics.median(step_flops(n_params, s) / s["time_s"] for s in steps) / 1e9,
-           "step_times_s": times}
+    out = {
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "steps_timed": len(steps),
+        "tokens_per_s": statistics.median(s["tokens"] / s["time_s"] for s in steps),
+        "achieved_gflops": statistics.median(step_flops(n_params, s) / s["time_s"] for s in steps) / 1e9,
+        "step_times_s": times,
+    }
     out["mfu"] = out["achieved_gflops"] * 1e9 / peak
     if any("rollout_s" in s for s in steps):
         rates = [s["new_tokens"] / s["rollout_s"] for s in steps if s.get("rollout_s")]
@@ -106,11 +110,32 @@ def with_peak(result: dict, peak: float) -> dict:
 
 def rss_probe(side_name: str, method: str, args) -> float:
     """Peak RSS (MiB) of a fresh process that builds one side and runs warm-up + steps."""
-    command = [sys.executable, __file__, "--rss-probe", side_name, "--methods", method, "--model", args.model,
-               "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--grpo-new-tokens", str(args.grpo_new_tokens)]
-    command += [flag for flag, on in (("--trl-precompute-ref", args.trl_precompute_ref),
-                                      ("--polmctl-plain-forward", args.polmctl_plain_forward)) if on]
+    command = [
+        sys.executable,
+        __file__,
+        "--rss-probe",
+        side_name,
+        "--methods",
+        method,
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--grpo-new-tokens",
+        str(args.grpo_new_tokens),
+    ]
+    command += [
+        flag
+        for flag, on in (
+            ("--trl-precompute-ref", args.trl_precompute_ref),
+            ("--polmctl-plain-forward", args.polmctl_plain_forward),
+        )
+        if on
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     for line in reversed(done.stdout.splitlines()):
         if line.startswith('{"peak_rss_mb"'):
@@ -119,8 +144,14 @@ def rss_probe(side_name: str, method: str, args) -> float:
 
 
 def workload(method: str, args, steps: int):
-    return default_workload(method, model=args.model, dtype=args.dtype, steps=steps,
-                            max_new_tokens=args.grpo_new_tokens, trl_precompute_ref=args.trl_precompute_ref)
+    return default_workload(
+        method,
+        model=args.model,
+        dtype=args.dtype,
+        steps=steps,
+        max_new_tokens=args.grpo_new_tokens,
+        trl_precompute_ref=args.trl_precompute_ref,
+    )
 
 
 def build(side_name: str, w):
@@ -160,9 +191,12 @@ def bench_method(method: str, args, trl_version: str | None, peak: float) -> dic
 
         eq = check(workload(method, args, 2))
         result["equivalence"] = eq.as_dict()
-        print(f"[{method}] equivalence: same tokens {eq.same_tokens}, loss polmctl {eq.polmctl_loss:.6g} "
-              f"TRL {eq.trl_loss:.6g} (rel {eq.loss_rel_diff:.1e}), gradient rel diff {eq.grad_rel_diff:.1e} "
-              f"-> {'OK' if eq.ok else 'DIFFERENT'}", flush=True)
+        print(
+            f"[{method}] equivalence: same tokens {eq.same_tokens}, loss polmctl {eq.polmctl_loss:.6g} "
+            f"TRL {eq.trl_loss:.6g} (rel {eq.loss_rel_diff:.1e}), gradient rel diff {eq.grad_rel_diff:.1e} "
+            f"-> {'OK' if eq.ok else 'DIFFERENT'}",
+            flush=True,
+        )
         if args.check_only:
             return result
     total = args.warmup + args.steps * args.rounds
@@ -180,7 +214,9 @@ def bench_method(method: str, args, trl_version: str | None, peak: float) -> dic
             for name in order:
                 for _ in range(args.steps):
                     steps[name].append(sides[name].step())
-                    print(f"[{method}] round {r + 1}/{args.rounds} {name}: {steps[name][-1]['time_s']:.2f} s", flush=True)
+                    print(
+                        f"[{method}] round {r + 1}/{args.rounds} {name}: {steps[name][-1]['time_s']:.2f} s", flush=True
+                    )
     finally:
         for side in sides.values():
             side.close()
@@ -191,7 +227,7 @@ def bench_method(method: str, args, trl_version: str | None, peak: float) -> dic
             result[name]["peak_rss_mb"] = rss_probe(name, method, args)
     result["polmctl"]["losses"] = [s["loss"] for s in steps["polmctl"]]
     if "trl" in sides:
-        result["trl"]["losses"] = sides["trl"].losses()[args.warmup:]
+        result["trl"]["losses"] = sides["trl"].losses()[args.warmup :]
         if method != "grpo":  # same rows, same order, same LoRA init seed: the same trajectory
             pairs = list(zip(result["polmctl"]["losses"], result["trl"]["losses"]))
             result["loss_trajectory_max_rel_diff"] = max(abs(p - t) / max(abs(t), 1e-8) for p, t in pairs)
@@ -211,34 +247,72 @@ def print_table(results: dict, peak: float) -> None:
     from rich.table import Table
 
     table = Table(title=f"polmctl vs TRL (medians; matmul peak {peak / 1e9:.1f} GFLOP/s)")
-    for column in ("method", "side", "step s", "tokens/s", "GFLOP/s", "MFU", "peak RSS MiB", "gen tok/s",
-                   "setup s", "polmctl/TRL"):
+    for column in (
+        "method",
+        "side",
+        "step s",
+        "tokens/s",
+        "GFLOP/s",
+        "MFU",
+        "peak RSS MiB",
+        "gen tok/s",
+        "setup s",
+        "polmctl/TRL",
+    ):
         table.add_column(column, justify="right" if column not in ("method", "side") else "left")
     for method, r in results.items():
         for name in ("polmctl", "trl"):
             if name not in r:
                 continue
             s = r[name]
-            ratio = (f"{r['ratio_polmctl_over_trl']:.2f} ({r['speedup']:.2f}x; {r['speedup_with_setup_amortised']:.2f}x "
-                     "with setup)" if name == "polmctl" and "speedup" in r else "")
-            table.add_row(method, name, f"{s['median_step_s']:.3f}", f"{s['tokens_per_s']:.0f}",
-                          f"{s['achieved_gflops']:.1f}", f"{100 * s['mfu']:.1f}%",
-                          f"{s['peak_rss_mb']:.0f}" if "peak_rss_mb" in s else "-",
-                          f"{s['generation_new_tokens_per_s']:.0f}" if "generation_new_tokens_per_s" in s else "-",
-                          f"{s['setup_s']:.1f}", ratio)
+            ratio = (
+                f"{r['ratio_polmctl_over_trl']:.2f} ({r['speedup']:.2f}x; {r['speedup_with_setup_amortised']:.2f}x "
+                "with setup)"
+                if name == "polmctl" and "speedup" in r
+                else ""
+            )
+            table.add_row(
+                method,
+                name,
+                f"{s['median_step_s']:.3f}",
+                f"{s['tokens_per_s']:.0f}",
+                f"{s['achieved_gflops']:.1f}",
+                f"{100 * s['mfu']:.1f}%",
+                f"{s['peak_rss_mb']:.0f}" if "peak_rss_mb" in s else "-",
+                f"{s['generation_new_tokens_per_s']:.0f}" if "generation_new_tokens_per_s" in s else "-",
+                f"{s['setup_s']:.1f}",
+                ratio,
+            )
     Console(width=200).print(table)
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     import peft
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
-            "load_average_at_start": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def main() -> None:
@@ -251,8 +325,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps per side run first and not timed")
     parser.add_argument("--grpo-new-tokens", type=int, default=48, help="GRPO completion budget")
     parser.add_argument("--trl-precompute-ref", action="store_true", help="DPO: TRL precomputes reference log-probs")
-    parser.add_argument("--polmctl-plain-forward", action="store_true",
-                        help="polmctl without its shared-prompt forward (to measure what that lever gains)")
+    parser.add_argument(
+        "--polmctl-plain-forward",
+        action="store_true",
+        help="polmctl without its shared-prompt forward (to measure what that lever gains)",
+    )
     parser.add_argument("--check-only", action="store_true", help="only the first-batch equivalence check")
     parser.add_argument("--skip-check", action="store_true", help="no equivalence check")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
@@ -264,7 +341,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if args.polmctl_plain_forward:
-        import polmctl.objectives.shared_prompt as shared_prompt
+        import polmctl.models.shared_prompt as shared_prompt
 
         shared_prompt.shared_prompt_logps = lambda *a, **k: None  # policy_forward then takes its plain path
     if args.rss_probe:
@@ -291,11 +368,17 @@ def main() -> None:
     peaks.append(peak_flops(dtype, config.hidden_size, config.intermediate_size))
     peak = max(peaks)
     results = {m: with_peak(r, peak) for m, r in raw.items()}
-    report = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "trl": trl_version,
-              "machine": machine(), "matmul_peak_gflops": peak / 1e9,
-              "matmul_peak_measurements_gflops": [p / 1e9 for p in peaks], "dtype": args.dtype,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "rss_probe")}, "methods": results}
+    report = {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "trl": trl_version,
+        "machine": machine(),
+        "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_measurements_gflops": [p / 1e9 for p in peaks],
+        "dtype": args.dtype,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "rss_probe")},
+        "methods": results,
+    }
     if args.check_only:
         print(json.dumps({m: r.get("equivalence") for m, r in results.items()}, indent=2))
         if not all(r.get("equivalence", {}).get("ok", True) for r in results.values()):

@@ -1,13 +1,13 @@
 """The ``polmctl`` command. Typer owns the command surface; Hydra owns configuration.
 
-    polmctl run recipe=lora trainer.lr=1e-4        # train (any Hydra override, -m sweeps)
-    polmctl recipes                                # every recipe, by paradigm
-    polmctl show recipe=dpo method.beta=0.2        # the composed, validated config
-    polmctl eval outputs/lora/2026-11-24/10-00-00  # evaluate a run or a model
-    polmctl runs                                   # every run, newest first (--json)
-    polmctl compare multirun/2026-11-25/10-00-00   # a sweep's metrics table and a PNG of loss over steps
-    polmctl chat outputs/lora/2026-11-24/10-00-00  # talk to a run's model (--prompt for one reply)
-    polmctl doctor                                 # versions, devices, bitsandbytes, builtin models, caches
+polmctl run recipe=lora trainer.lr=1e-4        # train (any Hydra override, -m sweeps)
+polmctl recipes                                # every recipe, by paradigm
+polmctl show recipe=dpo method.beta=0.2        # the composed, validated config
+polmctl eval outputs/lora/2026-11-24/10-00-00  # evaluate a run or a model
+polmctl runs                                   # every run, newest first (--json)
+polmctl compare multirun/2026-11-25/10-00-00   # a sweep's metrics table and a PNG of loss over steps
+polmctl chat outputs/lora/2026-11-24/10-00-00  # talk to a run's model (--prompt for one reply)
+polmctl doctor                                 # versions, devices, bitsandbytes, builtin models, caches
 """
 
 from __future__ import annotations
@@ -74,8 +74,15 @@ def recipe_infos() -> list[dict]:
     infos = []
     for path in sorted((CONF_DIR / "recipe").glob("*.yaml")):
         info = (yaml.safe_load(path.read_text()) or {}).get("recipe", {})
-        infos.append({"file": path.stem, "name": info.get("name", path.stem), "paradigm": info.get("paradigm", "?"),
-                      "method": info.get("method", ""), "summary": info.get("summary", "")})
+        infos.append(
+            {
+                "file": path.stem,
+                "name": info.get("name", path.stem),
+                "paradigm": info.get("paradigm", "?"),
+                "method": info.get("method", ""),
+                "summary": info.get("summary", ""),
+            }
+        )
     return infos
 
 
@@ -85,7 +92,7 @@ def show(ctx: typer.Context) -> None:
 
     Example: polmctl show recipe=lora trainer.lr=1e-4 model=tiny
     """
-    from polmctl.config.compose import compose_validated
+    from polmctl.compose import compose_validated
 
     try:
         _, text = compose_validated(ctx.args)
@@ -95,8 +102,10 @@ def show(ctx: typer.Context) -> None:
 
 
 @app.command(name="eval", context_settings=PASS_THROUGH)
-def eval_(ctx: typer.Context, model: Optional[str] = typer.Argument(
-        None, help="a run dir, a model dir, builtin:<name> or a hub id")) -> None:
+def eval_(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Argument(None, help="a run dir, a model dir, builtin:<name> or a hub id"),
+) -> None:
     """Evaluate a model or a finished run (its final/) on the eval tasks.
 
     [bold]Examples[/]
@@ -110,9 +119,12 @@ def eval_(ctx: typer.Context, model: Optional[str] = typer.Argument(
     if model is not None and "=" in model:  # `polmctl eval model=tiny ...`: an override, not a path
         args.insert(0, model)
         model = None
-    overrides = ["runner=evaluate", "eval.before=false", "hydra.run.dir=outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}"]
+    overrides = ["eval.before=false", "hydra.run.dir=outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}"]
+    own = _run_eval_overrides(Path(model)) if model is not None else []
+    if not any(o.startswith("recipe=") for o in own):
+        overrides.insert(0, "method=evaluate")
     if model is not None:
-        overrides += [f"model.name_or_path={model}", *_run_eval_overrides(Path(model))]
+        overrides += [f"model.name_or_path={model}", *own]
     entry_main([*overrides, *args])
 
 
@@ -126,8 +138,10 @@ def _run_eval_overrides(run_dir: Path) -> list[str]:
     run = OmegaConf.load(saved)
     run_eval = run.get("eval") or {}
     out = []
-    if run.get("runner") == "vlm":  # a vision-language run is scored by its own runner, on its own data
-        out += ["recipe=vlm_adapter", "runner=vlm", "method.train=false", f"data.source={run.data.source}"]
+    method = run.get("method") or {}
+    if "vlm" in (run.get("runner"), method.get("name"), method.get("objective")):
+        # a vision-language run is scored by its own runner, on its own data
+        out += ["recipe=vlm_adapter", "method.train=false", f"data.source={run.data.source}"]
     if run_eval.get("tasks"):
         out.append(f"eval.tasks=[{','.join(run_eval.tasks)}]")
     if run_eval.get("source"):
@@ -137,9 +151,12 @@ def _run_eval_overrides(run_dir: Path) -> list[str]:
 
 # -- runs, compare, chat, doctor ------------------------------------------------------------
 
+
 @app.command()
-def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="dirs to search (default: ./outputs and ./multirun)"),
-         as_json: bool = typer.Option(False, "--json", help="print the rows as JSON")) -> None:
+def runs(
+    dirs: Optional[List[Path]] = typer.Argument(None, help="dirs to search (default: ./outputs and ./multirun)"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+) -> None:
     """List runs, newest first: recipe, model, key overrides, status, steps, wall time, final metrics.
 
     [bold]Examples[/]
@@ -147,7 +164,8 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="dirs to search 
       polmctl runs\n
       polmctl runs multirun/2026-11-25/10-00-00 --json
     """
-    from polmctl.commands.runs import CommandError, collect_runs, run_roots, runs_json, runs_table
+    from polmctl.commands.runs import collect_runs, run_roots, runs_json, runs_table
+    from polmctl.errors import CommandError
 
     try:
         roots = run_roots(dirs)
@@ -163,9 +181,11 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="dirs to search 
 
 
 @app.command()
-def compare(paths: List[Path] = typer.Argument(..., help="run dirs, or a sweep dir (every job in it)"),
-            metric: List[str] = typer.Option(["loss"], "--metric", "-m", help="a metrics.jsonl key to plot; repeat"),
-            out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="the PNG file (or dir) to write")) -> None:
+def compare(
+    paths: List[Path] = typer.Argument(..., help="run dirs, or a sweep dir (every job in it)"),
+    metric: List[str] = typer.Option(["loss"], "--metric", "-m", help="a metrics.jsonl key to plot; repeat"),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="the PNG file (or dir) to write"),
+) -> None:
     """Compare runs: a metrics table and a PNG plot of metrics over steps (its path is printed).
 
     [bold]Examples[/]
@@ -174,7 +194,7 @@ def compare(paths: List[Path] = typer.Argument(..., help="run dirs, or a sweep d
       polmctl compare outputs/sft/2026-11-25/10-00-00 outputs/lora/2026-11-25/11-00-00 --metric loss --metric grad_norm
     """
     from polmctl.commands.compare import compare as compare_runs
-    from polmctl.commands.runs import CommandError
+    from polmctl.errors import CommandError
 
     try:
         table, png = compare_runs(paths, metric, out_path)
@@ -185,14 +205,16 @@ def compare(paths: List[Path] = typer.Argument(..., help="run dirs, or a sweep d
 
 
 @app.command()
-def chat(model: str = typer.Argument(..., help="a run dir, a model dir, builtin:<name> or a hub id"),
-         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="send one message, print the reply, exit"),
-         system: Optional[str] = typer.Option(None, "--system", help="a system message that opens the conversation"),
-         max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="longest reply, in tokens"),
-         temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="sampling temperature; 0 is greedy"),
-         top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0, help="nucleus sampling mass"),
-         seed: Optional[int] = typer.Option(None, "--seed", help="seed the sampler (repeatable replies)"),
-         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")) -> None:
+def chat(
+    model: str = typer.Argument(..., help="a run dir, a model dir, builtin:<name> or a hub id"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="send one message, print the reply, exit"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message that opens the conversation"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="longest reply, in tokens"),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="sampling temperature; 0 is greedy"),
+    top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0, help="nucleus sampling mass"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed the sampler (repeatable replies)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+) -> None:
     """Chat with a model or a finished run through its chat template, streaming the reply.
 
     Type /reset to clear the conversation, /exit or Ctrl-D to quit.
@@ -203,16 +225,21 @@ def chat(model: str = typer.Argument(..., help="a run dir, a model dir, builtin:
       polmctl chat builtin:smollm2-135m --prompt "What is 12+7?" --temperature 0
     """
     from polmctl.commands.chat import ChatSettings, run_chat
-    from polmctl.commands.runs import CommandError
-    from polmctl.data import DataError
-    from polmctl.models import ModelError
+    from polmctl.errors import CommandError, DataError, ModelError
 
-    settings = ChatSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system,
-                            device=device, seed=seed)
+    settings = ChatSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system, device=device, seed=seed
+    )
     note = Console(stderr=True).print
     try:
-        run_chat(model, settings, prompt, read=input, write=lambda text: typer.echo(text, nl=False),
-                 note=lambda text: note(text, style="dim", highlight=False, markup=False))
+        run_chat(
+            model,
+            settings,
+            prompt,
+            read=input,
+            write=lambda text: typer.echo(text, nl=False),
+            note=lambda text: note(text, style="dim", highlight=False, markup=False),
+        )
     except (CommandError, DataError, ModelError) as err:
         _fail(str(err))
 
@@ -241,18 +268,21 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="print the checks 
         _fail(f"{len(problems)} problem(s): " + "; ".join(f"{c.name}: {c.fix or c.detail}" for c in problems))
 
 
-
 # -- export, plan ------------------------------------------------------------------------------
 
+
 @app.command()
-def export(source: str = typer.Argument(..., help="a run dir, a checkpoints/step-N dir, a model dir, builtin:<name> "
-                                                  "or a hub id"),
-           out_path: Path = typer.Option(..., "--out", "-o", help="the model dir to write (a .gguf file for --format gguf)"),
-           fmt: str = typer.Option("hf", "--format", help="hf (safetensors model dir) | gguf (llama.cpp)"),
-           merge: bool = typer.Option(False, "--merge-adapters", help="merge a LoRA/DoRA adapter into the weights"),
-           dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: float32)"),
-           gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF weights: f32 | f16 | bf16 | q8_0"),
-           push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="also upload to this hub repo")) -> None:
+def export(
+    source: str = typer.Argument(
+        ..., help="a run dir, a checkpoints/step-N dir, a model dir, builtin:<name> or a hub id"
+    ),
+    out_path: Path = typer.Option(..., "--out", "-o", help="the model dir to write (a .gguf file for --format gguf)"),
+    fmt: str = typer.Option("hf", "--format", help="hf (safetensors model dir) | gguf (llama.cpp)"),
+    merge: bool = typer.Option(False, "--merge-adapters", help="merge a LoRA/DoRA adapter into the weights"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: float32)"),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF weights: f32 | f16 | bf16 | q8_0"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="also upload to this hub repo"),
+) -> None:
     """Export a run, a checkpoint or a model as a standalone model dir (safetensors + tokenizer + chat template) or
     a GGUF file.
 
@@ -262,13 +292,15 @@ def export(source: str = typer.Argument(..., help="a run dir, a checkpoints/step
       polmctl export outputs/lora/2026-11-24/10-00-00/checkpoints/step-40 --merge-adapters --out exported/step-40\n
       polmctl export outputs/lora/2026-11-24/10-00-00 --merge-adapters --format gguf --gguf-type q8_0 --out lora.gguf
     """
-    from polmctl.commands.export import EXPORT_ERRORS, export as export_model
+    from polmctl.commands.export import EXPORT_ERRORS
+    from polmctl.commands.export import export as export_model
     from polmctl.entry import quiet_libraries
 
     quiet_libraries()
     try:
-        result = export_model(source, out_path, fmt=fmt, merge=merge, dtype=dtype, gguf_type=gguf_type,
-                              push_to_hub=push_to_hub)
+        result = export_model(
+            source, out_path, fmt=fmt, merge=merge, dtype=dtype, gguf_type=gguf_type, push_to_hub=push_to_hub
+        )
     except EXPORT_ERRORS as err:
         _fail(str(err))
     table = Table(title=f"exported {source}", title_justify="left", show_header=False)

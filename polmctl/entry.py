@@ -1,4 +1,4 @@
-"""The one ``@hydra.main``: compose, validate, look the runner up, call it.
+"""The one ``@hydra.main``: compose, validate, look the method's runner up, call it.
 
 ``polmctl run ARGS`` hands ARGS to Hydra unchanged, so everything Hydra accepts works:
 overrides, ``-m`` sweeps, ``--cfg job``, ``hydra/launcher=...``, sweepers.
@@ -15,25 +15,15 @@ from typing import Any, Sequence
 import hydra
 from omegaconf import DictConfig
 
-from polmctl.config import ConfigError, register_schema, validate
+from polmctl.console import console
+from polmctl.errors import USER_ERRORS, ConfigError
+from polmctl.methods.registry import register_configs
+from polmctl.validate import check_overrides, runner_of, validate
 
-register_schema()
-
-# Errors a user can fix; they are shown as one line, not a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from polmctl.data import DataError
-    from polmctl.engine.errors import TrainingError
-    from polmctl.models import ModelError
-
-    return USER_ERRORS + (DataError, ModelError, TrainingError, FileNotFoundError)
+register_configs()
 
 
 def fail(kind: str, message: str, code: int = 2) -> None:
-    from polmctl.engine.progress import console
-
     console.quiet = False  # ranks > 0 of a multi-process run are quiet, but not about their own errors
     console.print(f"[bold red]{kind}:[/] {message}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
@@ -51,11 +41,9 @@ def run_config(cfg: DictConfig) -> Any:
     from polmctl.launch import run_with_launcher
     from polmctl.runners import RUNNERS
 
-    if run.runner not in RUNNERS:
-        fail("config error", f"runner: got {run.runner!r}; allowed: {', '.join(RUNNERS)}")
     try:
-        summary = run_with_launcher(run, RUNNERS[run.runner])  # launcher=accelerate: N processes
-    except _user_errors() as err:
+        summary = run_with_launcher(run, RUNNERS[runner_of(run)])  # launcher=accelerate: N processes
+    except USER_ERRORS as err:
         fail(type(err).__name__, str(err).strip() or repr(err), code=1)
     try:
         return sweep_objective(run, summary)  # sweep.metric, for sweepers that optimise it
@@ -91,6 +79,10 @@ def main(args: Sequence[str] | None = None) -> None:
         sys.argv = [sys.argv[0] if sys.argv else "polmctl", *args]
     from polmctl.sweeps import missing_plugin
 
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        fail("config error", str(err))
     missing = missing_plugin(sys.argv[1:])
     if missing:
         from rich.markup import escape

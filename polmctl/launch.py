@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from polmctl.config.schema import ConfigError, RunConfig
+from polmctl.config.schema import RunConfig
+from polmctl.errors import ConfigError
+from polmctl.validate import runner_of
 
 ACCELERATE_CONFIGS = Path(__file__).parent / "conf" / "accelerate"
 MULTI_PROCESS_RUNNERS = ("train",)
@@ -47,10 +49,13 @@ def run_with_launcher(run: RunConfig, runner: Callable[[RunConfig], dict[str, An
     """Run ``runner`` here, or with launcher=accelerate re-run the command under accelerate."""
     world = launched_world_size()
     wants_several = run.launcher.name == "accelerate" or (world or 1) > 1
-    if wants_several and run.runner not in MULTI_PROCESS_RUNNERS:
-        raise ConfigError("launcher", f"runner {run.runner!r} runs in one process; only "
-                                      f"{', '.join(MULTI_PROCESS_RUNNERS)} runs in several: drop launcher=accelerate "
-                                      "(or run it without accelerate launch / torchrun)")
+    if wants_several and runner_of(run) not in MULTI_PROCESS_RUNNERS:
+        raise ConfigError(
+            "launcher",
+            f"the {runner_of(run)} runner (method={run.method.name}) runs in one process; only "
+            f"{', '.join(MULTI_PROCESS_RUNNERS)} runs in several: drop launcher=accelerate "
+            "(or run it without accelerate launch / torchrun)",
+        )
     if run.launcher.name != "accelerate" or world is not None:
         return runner(run)
     return relaunch(run)
@@ -60,7 +65,7 @@ def relaunch(run: RunConfig) -> dict[str, Any]:
     """``accelerate launch -m polmctl run ...`` for this job; its summary.json (empty if none)."""
     run_dir = Path(run.output_dir).resolve()
     command = launch_command(run, job_overrides(), run_dir)
-    from polmctl.engine.progress import console
+    from polmctl.console import console
 
     console.print(f"[bold]launcher[/] {' '.join(command[3:])}", highlight=False, soft_wrap=True)
     code = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
@@ -76,8 +81,17 @@ def job_overrides() -> list[str]:
 
     overrides = HydraConfig.get().overrides
     task = [o for o in overrides.task if not _key(o).startswith("launcher")]
-    replaced = ("hydra.run.dir", "hydra.sweep", "hydra.mode", "hydra/launcher", "hydra/sweeper", "hydra.launcher",
-                "hydra.sweeper", "hydra.job.num", "hydra.job.id")
+    replaced = (
+        "hydra.run.dir",
+        "hydra.sweep",
+        "hydra.mode",
+        "hydra/launcher",
+        "hydra/sweeper",
+        "hydra.launcher",
+        "hydra.sweeper",
+        "hydra.job.num",
+        "hydra.job.id",
+    )
     return task + [o for o in overrides.hydra if not _key(o).startswith(replaced)]
 
 
@@ -126,6 +140,8 @@ def accelerate_config_path(name_or_path: str) -> Path:
         path = shipped
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
-        raise ConfigError("launcher.config_file", f"{name_or_path!r} is not a file; give a path to an accelerate "
-                                                  f"config YAML or one of: {names}")
+        raise ConfigError(
+            "launcher.config_file",
+            f"{name_or_path!r} is not a file; give a path to an accelerate config YAML or one of: {names}",
+        )
     return path

@@ -23,7 +23,8 @@ from typing import Any, Iterable, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from polmctl.config.schema import ConfigError, RunConfig
+from polmctl.config.schema import RunConfig
+from polmctl.errors import ConfigError
 
 # config group option -> (Hydra plugin module, library it drives, polmctl extra that installs both)
 PLUGINS: dict[str, tuple[str, str, str]] = {
@@ -99,8 +100,11 @@ def check_sweep_metric(run: RunConfig) -> None:
     if not _optimizing_sweeper() or parts[0] != "eval" or len(parts) < 3 or parts[1] not in ("before", "after"):
         return
     if parts[2] not in run.eval.tasks or (parts[1] == "before" and not run.eval.before):
-        raise ConfigError("sweep.metric", f"{run.sweep.metric!r} needs eval task {parts[2]!r} run {parts[1]} "
-                                          f"training; eval.tasks is {run.eval.tasks}, eval.before is {run.eval.before}")
+        raise ConfigError(
+            "sweep.metric",
+            f"{run.sweep.metric!r} needs eval task {parts[2]!r} run {parts[1]} "
+            f"training; eval.tasks is {run.eval.tasks}, eval.before is {run.eval.before}",
+        )
 
 
 def sweep_objective(run: RunConfig, summary: Any) -> Optional[float]:
@@ -108,8 +112,9 @@ def sweep_objective(run: RunConfig, summary: Any) -> Optional[float]:
     value = metric_at(summary, run.sweep.metric) if isinstance(summary, dict) else None
     if value is None and _optimizing_sweeper():
         available = ", ".join(metric_paths(summary)) if isinstance(summary, dict) else "none"
-        raise ConfigError("sweep.metric", f"{run.sweep.metric!r} is not a number in this run's summary.json; "
-                                          f"available: {available}")
+        raise ConfigError(
+            "sweep.metric", f"{run.sweep.metric!r} is not a number in this run's summary.json; available: {available}"
+        )
     return value
 
 
@@ -128,20 +133,31 @@ def _job_record(job_dir: Path, metric: str) -> dict[str, Any]:
     num = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num") if hydra_yaml.is_file() else None
     summary_path = job_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return {"num": num, "dir": str(job_dir), "overrides": overrides,
-            "status": summary.get("status", "completed" if summary else "no summary.json"),
-            "value": metric_at(summary, metric), "metrics": metric_paths(summary)}
+    return {
+        "num": num,
+        "dir": str(job_dir),
+        "overrides": overrides,
+        "status": summary.get("status", "completed" if summary else "no summary.json"),
+        "value": metric_at(summary, metric),
+        "metrics": metric_paths(summary),
+    }
 
 
 def summarize_sweep(sweep_dir: Path, metric: str, direction: str) -> dict[str, Any]:
     """Read every job under ``sweep_dir`` and write ``sweep_summary.json``; returns what it wrote."""
-    jobs = sorted((_job_record(d, metric) for d in _job_dirs(sweep_dir)),
-                  key=lambda j: (j["num"] is None, j["num"] if j["num"] is not None else 0, j["dir"]))
+    jobs = sorted(
+        (_job_record(d, metric) for d in _job_dirs(sweep_dir)),
+        key=lambda j: (j["num"] is None, j["num"] if j["num"] is not None else 0, j["dir"]),
+    )
     scored = [j for j in jobs if j["value"] is not None]
     best = (max if direction == "maximize" else min)(scored, key=lambda j: j["value"]) if scored else None
-    summary: dict[str, Any] = {"sweep_dir": str(sweep_dir), "metric": metric, "direction": direction,
-                               "best": best and {k: best[k] for k in ("num", "dir", "overrides", "value")},
-                               "jobs": jobs}
+    summary: dict[str, Any] = {
+        "sweep_dir": str(sweep_dir),
+        "metric": metric,
+        "direction": direction,
+        "best": best and {k: best[k] for k in ("num", "dir", "overrides", "value")},
+        "jobs": jobs,
+    }
     optimizer = sweep_dir / "optimization_results.yaml"
     if optimizer.is_file():
         summary["optimizer"] = OmegaConf.to_container(OmegaConf.load(optimizer))
@@ -165,18 +181,27 @@ def sweep_table(summary: dict[str, Any]):
     keys = swept_keys(jobs)
     best_dir = summary["best"] and summary["best"]["dir"]
     # Besides the swept metric: the final loss and accuracies after training, where jobs report them.
-    extra = [m for m in dict.fromkeys(k for j in jobs for k in j["metrics"]) if m != metric
-             and (m == "final_loss" or (m.startswith("eval.after.") and m.endswith(".accuracy")))]
-    table = Table(title=f"sweep: {len(jobs)} jobs, best {metric} ({summary['direction']}) marked *",
-                  title_justify="left")
+    extra = [
+        m
+        for m in dict.fromkeys(k for j in jobs for k in j["metrics"])
+        if m != metric and (m == "final_loss" or (m.startswith("eval.after.") and m.endswith(".accuracy")))
+    ]
+    table = Table(
+        title=f"sweep: {len(jobs)} jobs, best {metric} ({summary['direction']}) marked *", title_justify="left"
+    )
     for col in ("job", *keys, "status", metric, *extra):
         table.add_column(col, justify="left" if col in (*keys, "status") else "right", overflow="fold")
     for job in jobs:
         values = dict(o.split("=", 1) for o in job["overrides"] if "=" in o)
         score = "-" if job["value"] is None else f"{job['value']:.4g}" + (" *" if job["dir"] == best_dir else "")
         others = [f"{job['metrics'][m]:.4g}" if m in job["metrics"] else "-" for m in extra]
-        table.add_row(str(job["num"] if job["num"] is not None else Path(job["dir"]).name),
-                      *(values.get(k, "") for k in keys), job["status"], score, *others)
+        table.add_row(
+            str(job["num"] if job["num"] is not None else Path(job["dir"]).name),
+            *(values.get(k, "") for k in keys),
+            job["status"],
+            score,
+            *others,
+        )
     return table
 
 
@@ -191,7 +216,7 @@ class SweepSummary(Callback):
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from polmctl.engine.progress import console
+        from polmctl.console import console
 
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():

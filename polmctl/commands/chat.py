@@ -20,7 +20,7 @@ from polmctl.entry import quiet_libraries
 quiet_libraries()  # before transformers (and through peft, torchao and bitsandbytes) load and log
 from transformers import TextStreamer, set_seed  # noqa: E402
 
-from polmctl.commands.runs import CommandError  # noqa: E402
+from polmctl.errors import CommandError  # noqa: E402
 
 
 @dataclass
@@ -49,8 +49,10 @@ def load_for_chat(name_or_path: str, device: torch.device):
 
     cfg = ModelConfig(name_or_path=name_or_path)
     if model_head(resolve_model_path(name_or_path)) == "reward":
-        raise CommandError(f"{name_or_path} is a reward model (it scores text, it does not write any); "
-                           "chat with a causal LM or with the run that trained the policy")
+        raise CommandError(
+            f"{name_or_path} is a reward model (it scores text, it does not write any); "
+            "chat with a causal LM or with the run that trained the policy"
+        )
     tokenizer = load_tokenizer(cfg)
     return load_model(cfg, device=device, for_training=False), tokenizer
 
@@ -114,9 +116,11 @@ class ChatSession:
             del kept[first : first + 2]  # the oldest user turn and its answer
             rendered, ids = self._encode(kept)
         if self.context and len(ids) > budget:
-            raise CommandError(f"the message is {len(ids)} tokens and the model's context is {self.context}, "
-                               f"with --max-new-tokens {self.settings.max_new_tokens} kept for the reply; "
-                               "send a shorter message or lower --max-new-tokens")
+            raise CommandError(
+                f"the message is {len(ids)} tokens and the model's context is {self.context}, "
+                f"with --max-new-tokens {self.settings.max_new_tokens} kept for the reply; "
+                "send a shorter message or lower --max-new-tokens"
+            )
         self.messages = kept
         return rendered, ids
 
@@ -136,22 +140,36 @@ class ChatSession:
         if self.prompt_learning:
             # peft's generate is wrong for prompt/prefix tuning (see rollout/generate.py): its own
             # decoding loop is right but cannot stream, so the reply is written whole.
-            text = generate(self.model, tok, [rendered], max_new_tokens=s.max_new_tokens, batch_size=1,
-                            do_sample=sample, temperature=s.temperature or 1.0, top_p=s.top_p)[0]
+            text = generate(
+                self.model,
+                tok,
+                [rendered],
+                max_new_tokens=s.max_new_tokens,
+                batch_size=1,
+                do_sample=sample,
+                temperature=s.temperature or 1.0,
+                top_p=s.top_p,
+            )[0]
             self.write(text)
             return text.strip()
         decoding = decoding_kwargs(sample, s.temperature or 1.0, s.top_p, 0)
         with generation_mode(self.model, tok) as device:
             input_ids = torch.tensor([ids], device=device)
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=self._stop_ids(), streamer=WriterStreamer(tok, self.write),
-                                      **decoding)
-        return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=s.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=self._stop_ids(),
+                streamer=WriterStreamer(tok, self.write),
+                **decoding,
+            )
+        return tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def chat_loop(session: ChatSession, read: Callable[[str], str], write: Callable[[str], None],
-              note: Callable[[str], None]) -> None:
+def chat_loop(
+    session: ChatSession, read: Callable[[str], str], write: Callable[[str], None], note: Callable[[str], None]
+) -> None:
     """Read a line, stream the reply; /reset clears the history, /exit or end of input stops."""
     note("/reset clears the conversation, /exit (or Ctrl-D) quits")
     while True:
@@ -183,8 +201,15 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], write: Callable[
         write("\n")
 
 
-def run_chat(name_or_path: str, settings: ChatSettings, prompt: str | None, *, read: Callable[[str], str],
-             write: Callable[[str], None], note: Callable[[str], None]) -> None:
+def run_chat(
+    name_or_path: str,
+    settings: ChatSettings,
+    prompt: str | None,
+    *,
+    read: Callable[[str], str],
+    write: Callable[[str], None],
+    note: Callable[[str], None],
+) -> None:
     """One reply to ``prompt``, or (``prompt`` None) the interactive loop."""
     device = pick_device(settings.device)
     note(f"loading {name_or_path} on {device}")
@@ -192,8 +217,10 @@ def run_chat(name_or_path: str, settings: ChatSettings, prompt: str | None, *, r
     if settings.seed is not None:
         set_seed(settings.seed)  # after loading, so the first reply depends on the seed alone
     if not tokenizer.chat_template and (prompt is None or settings.system):
-        raise CommandError(f"{name_or_path} has no chat template, so it cannot hold a conversation; use "
-                           "--prompt TEXT (without --system) to continue a text, or a model with a chat template")
+        raise CommandError(
+            f"{name_or_path} has no chat template, so it cannot hold a conversation; use "
+            "--prompt TEXT (without --system) to continue a text, or a model with a chat template"
+        )
     session = ChatSession(model, tokenizer, settings, write)
     if prompt is not None:
         session.reply(prompt)

@@ -15,8 +15,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from polmctl.commands.runs import (CommandError, RunInfo, display_path, find_run_dirs, fmt_duration, fmt_metrics,
-                                   fmt_number, is_run_dir, read_metrics_lines, read_run)
+from polmctl.commands.runs import (
+    RunInfo,
+    display_path,
+    find_run_dirs,
+    fmt_duration,
+    fmt_metrics,
+    fmt_number,
+    is_run_dir,
+    read_metrics_lines,
+    read_run,
+)
+from polmctl.errors import CommandError
 
 
 def expand_runs(paths: list[Path]) -> list[Path]:
@@ -69,8 +79,9 @@ def logged_metrics(series_rows: list[list[dict[str, Any]]]) -> list[str]:
     keys: dict[str, None] = {}
     for rows in series_rows:
         for row in rows:
-            keys.update((k, None) for k, v in row.items() if k != "step" and isinstance(v, (int, float, str))
-                        and _floatable(v))
+            keys.update(
+                (k, None) for k, v in row.items() if k != "step" and isinstance(v, (int, float, str)) and _floatable(v)
+            )
     return list(keys)
 
 
@@ -84,12 +95,15 @@ def _floatable(value: Any) -> bool:
 
 def check_metrics(metrics: list[str], available: list[str]) -> None:
     if not available:
-        raise CommandError("none of these runs logged any steps (no metrics.jsonl rows; runners like quantize and "
-                           "prune log none): polmctl runs DIR shows their summaries")
+        raise CommandError(
+            "none of these runs logged any steps (no metrics.jsonl rows; runners like quantize and "
+            "prune log none): polmctl runs DIR shows their summaries"
+        )
     missing = [m for m in metrics if m not in available]
     if missing:
-        raise CommandError(f"--metric {missing[0]}: no run logged it in metrics.jsonl; logged metrics: "
-                           f"{', '.join(available)}")
+        raise CommandError(
+            f"--metric {missing[0]}: no run logged it in metrics.jsonl; logged metrics: {', '.join(available)}"
+        )
 
 
 def plot_path(out: Path | None, parent: Path, metrics: list[str]) -> Path:
@@ -108,8 +122,10 @@ def plot(series: dict[str, list[tuple[list[float], list[float]]]], names: list[s
         from matplotlib.figure import Figure  # a bare Figure renders with Agg: no GUI backend, no global state
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise CommandError("polmctl compare plots with matplotlib, which is not installed: "
-                           "pip install 'polmctl[plot]' (or pip install matplotlib)") from None
+        raise CommandError(
+            "polmctl compare plots with matplotlib, which is not installed: "
+            "pip install 'polmctl[plot]' (or pip install matplotlib)"
+        ) from None
     fig = Figure(figsize=(8, 3.2 * len(series)), layout="constrained")
     axes = fig.subplots(len(series), 1, squeeze=False)[:, 0]
     for ax, (metric, per_run) in zip(axes, series.items()):
@@ -126,8 +142,9 @@ def plot(series: dict[str, list[tuple[list[float], list[float]]]], names: list[s
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     except OSError as err:
-        raise CommandError(f"cannot write the plot to {path} ({err.strerror or err}); choose another path "
-                           "with --out") from None
+        raise CommandError(
+            f"cannot write the plot to {path} ({err.strerror or err}); choose another path with --out"
+        ) from None
 
 
 def compare(paths: list[Path], metrics: list[str], out: Path | None):
@@ -151,8 +168,15 @@ def compare(paths: list[Path], metrics: list[str], out: Path | None):
         for m in metrics:
             values = series[m][i][1]
             trend.append(f"{_fmt(values[0])}->{_fmt(values[-1])}" if values else "-")
-        cells = [name, run.recipe, run.status, fmt_number(run.steps), fmt_duration(run.wall_time_s), *trend,
-                 fmt_metrics(run)]
+        cells = [
+            name,
+            run.recipe,
+            run.status,
+            fmt_number(run.steps),
+            fmt_duration(run.wall_time_s),
+            *trend,
+            fmt_metrics(run),
+        ]
         table.add_row(*(Text(c) for c in cells))
 
     path = plot_path(out, parent, metrics)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from polmctl.config.schema import ConfigError, ModelConfig
-from polmctl.models.errors import ModelError
+from polmctl.config.schema import ModelConfig
+from polmctl.errors import ConfigError, ModelError
 
 FORMATS = ("hf", "gguf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,8 +41,10 @@ def _check_request(source: str, out: Path, fmt: str, dtype: str | None, push_to_
         from huggingface_hub import constants
 
         if constants.HF_HUB_OFFLINE:
-            raise ModelError(f"--push-to-hub {push_to_hub}: the hub is switched off here (HF_HUB_OFFLINE=1); "
-                             "export without --push-to-hub and upload the result from a machine that reaches the hub")
+            raise ModelError(
+                f"--push-to-hub {push_to_hub}: the hub is switched off here (HF_HUB_OFFLINE=1); "
+                "export without --push-to-hub and upload the result from a machine that reaches the hub"
+            )
 
 
 def load_checkpoint_model(ckpt: Path):
@@ -51,30 +53,36 @@ def load_checkpoint_model(ckpt: Path):
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from polmctl.config.validate import validate
     from polmctl.engine.checkpoint import load_checkpoint
+    from polmctl.methods.registry import build_objective, method_spec
     from polmctl.models import apply_peft, load_model, load_tokenizer
-    from polmctl.objectives import OBJECTIVES, build_objective
+    from polmctl.validate import upgrade_recorded, validate
 
     run_dir = ckpt.resolve().parent.parent
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
-        raise ModelError(f"{ckpt} is a checkpoint, but its run's config {saved} is missing: the base model and "
-                         "peft config come from it; export the run's final/ or restore .hydra/")
-    cfg = OmegaConf.load(saved)
+        raise ModelError(
+            f"{ckpt} is a checkpoint, but its run's config {saved} is missing: the base model and "
+            "peft config come from it; export the run's final/ or restore .hydra/"
+        )
+    cfg = upgrade_recorded(OmegaConf.load(saved))
     OmegaConf.set_struct(cfg, False)
     cfg.output_dir = str(run_dir)  # saved as ${hydra:runtime.output_dir}, which needs a live Hydra
     run = validate(cfg)
-    if run.method.objective not in OBJECTIVES:
-        raise ModelError(f"{ckpt}: runner {run.runner} checkpoints cannot be exported; export the run's final/")
+    spec = method_spec(run.method.name)
+    if spec.objective is None:
+        raise ModelError(
+            f"{ckpt}: method {run.method.name} ({spec.runner} runner) checkpoints cannot be exported; "
+            "export the run's final/"
+        )
     model_cfg = replace(run.model, quantization="none", dtype="float32", gradient_checkpointing=False)
-    tokenizer = (AutoTokenizer.from_pretrained(ckpt) if (ckpt / "tokenizer_config.json").is_file()
-                 else load_tokenizer(model_cfg))
+    tokenizer = (
+        AutoTokenizer.from_pretrained(ckpt) if (ckpt / "tokenizer_config.json").is_file() else load_tokenizer(model_cfg)
+    )
     objective = build_objective(run.method)
-    model = load_model(model_cfg, for_training=True, head=getattr(objective, "model_head", "causal_lm"),
-                       pad_token_id=tokenizer.pad_token_id)
+    model = load_model(model_cfg, for_training=True, head=objective.model_head, pad_token_id=tokenizer.pad_token_id)
     model = apply_peft(model, run.peft, tokenizer)
-    heads = objective.heads(model) if hasattr(objective, "heads") else {}  # PPO's value head: loaded, then dropped
+    heads = objective.heads(model)  # PPO's value head: loaded, then dropped
     for name, head in heads.items():
         model.add_module(name, head)
     try:
@@ -98,9 +106,11 @@ def load_source(source: str):
     resolved = resolve_model_path(source)
     quantized = dir_quantization(resolved)
     if quantized:
-        raise ModelError(f"{resolved} holds a quantized model ({quantized}): it is already a standalone model dir "
-                         "(copy it as it is); GGUF and dtype exports start from full-precision weights, so export "
-                         "the run it was quantized from")
+        raise ModelError(
+            f"{resolved} holds a quantized model ({quantized}): it is already a standalone model dir "
+            "(copy it as it is); GGUF and dtype exports start from full-precision weights, so export "
+            "the run it was quantized from"
+        )
     cfg = ModelConfig(name_or_path=source, dtype="float32")
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, for_training=False, pad_token_id=tokenizer.pad_token_id)
@@ -112,8 +122,10 @@ def merge_adapters(model):
     config = model.active_peft_config
     kind = getattr(config.peft_type, "value", str(config.peft_type))
     if kind != "LORA":
-        raise ModelError(f"--merge-adapters: a {kind} adapter cannot be merged into the weights (only lora and dora "
-                         "merge); export it without --merge-adapters (as an adapter dir)")
+        raise ModelError(
+            f"--merge-adapters: a {kind} adapter cannot be merged into the weights (only lora and dora "
+            "merge); export it without --merge-adapters (as an adapter dir)"
+        )
     return model.merge_and_unload()
 
 
@@ -146,13 +158,23 @@ def push(path: Path, repo: str) -> str:
             api.upload_file(path_or_fileobj=path, path_in_repo=path.name, repo_id=repo, commit_message="polmctl export")
     except _hub_errors() as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelError(f"--push-to-hub {repo} failed ({type(err).__name__}: {reason}); the export itself is in "
-                         f"{path}: upload it later with `hf upload {repo} {path}`") from None
+        raise ModelError(
+            f"--push-to-hub {repo} failed ({type(err).__name__}: {reason}); the export itself is in "
+            f"{path}: upload it later with `hf upload {repo} {path}`"
+        ) from None
     return str(url)
 
 
-def export(source: str, out: str | Path, *, fmt: str = "hf", merge: bool = False, dtype: str | None = None,
-           gguf_type: str = "f16", push_to_hub: str | None = None) -> dict:
+def export(
+    source: str,
+    out: str | Path,
+    *,
+    fmt: str = "hf",
+    merge: bool = False,
+    dtype: str | None = None,
+    gguf_type: str = "f16",
+    push_to_hub: str | None = None,
+) -> dict:
     """Write the export; returns what was written (for the command's summary)."""
     from peft import PeftModel
 
@@ -176,10 +198,15 @@ def export(source: str, out: str | Path, *, fmt: str = "hf", merge: bool = False
     else:
         save_model(model, tokenizer, out)
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
-    result = {"source": source, "out": str(out), "format": "gguf " + gguf_type if fmt == "gguf" else "hf",
-              "contents": "peft adapter (not merged)" if adapter else "full model",
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "parameters": sum(p.numel() for p in model.parameters()), "size_bytes": size}
+    result = {
+        "source": source,
+        "out": str(out),
+        "format": "gguf " + gguf_type if fmt == "gguf" else "hf",
+        "contents": "peft adapter (not merged)" if adapter else "full model",
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "size_bytes": size,
+    }
     if push_to_hub:
         result["pushed_to"] = push(out, push_to_hub)
     return result

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polmctl.models.errors import ModelError
+from polmctl.errors import ModelError
 
 # --gguf-type -> (tensor type of 2-d weights, the file type recorded in general.file_type)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -42,22 +42,31 @@ def _types(outtype: str):
 def check_gguf_model(model) -> None:
     """Refuse, with the reason, a model that this writer cannot turn into a GGUF that loads back."""
     if hasattr(model, "peft_config"):
-        raise ModelError("GGUF holds one full model, not a peft adapter: export with --merge-adapters "
-                         "(lora and dora adapters merge)")
+        raise ModelError(
+            "GGUF holds one full model, not a peft adapter: export with --merge-adapters (lora and dora adapters merge)"
+        )
     config = model.config
     if getattr(config, "quantization_config", None) is not None:
-        raise ModelError("the model is quantized (bitsandbytes / torchao); GGUF export needs full-precision weights: "
-                         "export the run it was quantized from, with --gguf-type q8_0 for a smaller file")
+        raise ModelError(
+            "the model is quantized (bitsandbytes / torchao); GGUF export needs full-precision weights: "
+            "export the run it was quantized from, with --gguf-type q8_0 for a smaller file"
+        )
     if config.model_type not in LLAMA_FAMILY or not type(model).__name__.endswith("ForCausalLM"):
-        raise ModelError(f"GGUF export supports Llama-family causal LMs ({', '.join(LLAMA_FAMILY)}); this model is "
-                         f"{type(model).__name__} (model_type={config.model_type}): export it as a Hugging Face dir")
+        raise ModelError(
+            f"GGUF export supports Llama-family causal LMs ({', '.join(LLAMA_FAMILY)}); this model is "
+            f"{type(model).__name__} (model_type={config.model_type}): export it as a Hugging Face dir"
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ModelError("GGUF export: this Llama has attention/MLP biases, which transformers does not read back "
-                         "from a llama GGUF; export it as a Hugging Face dir")
+        raise ModelError(
+            "GGUF export: this Llama has attention/MLP biases, which transformers does not read back "
+            "from a llama GGUF; export it as a Hugging Face dir"
+        )
     rope = _rope(config)
     if rope.get("rope_type", "default") != "default":
-        raise ModelError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not written; only the default "
-                         "rotary embedding is supported (export it as a Hugging Face dir)")
+        raise ModelError(
+            f"GGUF export: rope scaling {rope.get('rope_type')!r} is not written; only the default "
+            "rotary embedding is supported (export it as a Hugging Face dir)"
+        )
 
 
 def _rope(config) -> dict:
@@ -92,8 +101,11 @@ def permute_qk(weight: np.ndarray, n_head: int, n_head_kv: int | None = None) ->
     the rows of the two rotary halves are interleaved."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def _write_tensors(writer, model, outtype: str) -> None:
@@ -135,8 +147,10 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         for name, split in GGUF_PRE_TOKENIZER_SPLITS.items():
             if split == regex:
                 return name
-    raise ModelError(f"GGUF export: the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) has no llama.cpp name; "
-                     "only byte-level BPE tokenizers with a known split are written (export as a Hugging Face dir)")
+    raise ModelError(
+        f"GGUF export: the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) has no llama.cpp name; "
+        "only byte-level BPE tokenizers with a known split are written (export as a Hugging Face dir)"
+    )
 
 
 def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
@@ -144,14 +158,18 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ModelError(f"GGUF export supports byte-level BPE tokenizers (tokenizer.ggml.model=gpt2); this one is "
-                         f"{spec['model']['type']} with a {(spec.get('decoder') or {}).get('type')} decoder")
+        raise ModelError(
+            f"GGUF export supports byte-level BPE tokenizers (tokenizer.ggml.model=gpt2); this one is "
+            f"{spec['model']['type']} with a {(spec.get('decoder') or {}).get('type')} decoder"
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
     by_id = {i: t for t, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).items()}
     if max(by_id) >= vocab_size:
-        raise ModelError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}; "
-                         "resize the model's embeddings to the tokenizer")
+        raise ModelError(
+            f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}; "
+            "resize the model's embeddings to the tokenizer"
+        )
     added = {a["id"]: a["special"] for a in spec.get("added_tokens", [])}
     tokens, types = [], []
     for i in range(vocab_size):  # ids the tokenizer never produces are padding rows of the embedding
@@ -160,8 +178,13 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
             types.append(gguf.TokenType.UNUSED)
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL if i not in added else
-                         gguf.TokenType.CONTROL if added[i] else gguf.TokenType.USER_DEFINED)
+            types.append(
+                gguf.TokenType.NORMAL
+                if i not in added
+                else gguf.TokenType.CONTROL
+                if added[i]
+                else gguf.TokenType.USER_DEFINED
+            )
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
@@ -171,8 +194,12 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         # GGUF cannot hold an empty array; a reader then derives merges from token scores, and a
         # vocabulary of single bytes (plus whole special tokens) derives none.
         writer.add_token_scores([0.0] * vocab_size)
-    for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+    for token, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
         token_id = getattr(tokenizer, f"{token}_token_id", None)
         if token_id is not None:
             add(token_id)

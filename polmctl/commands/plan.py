@@ -16,14 +16,11 @@ from typing import Any
 
 import torch
 
-from polmctl.config.schema import ConfigError, RunConfig
-from polmctl.data import DataError
-from polmctl.models.errors import ModelError
+from polmctl.config.schema import RunConfig
+from polmctl.errors import ConfigError, DataError, ModelError
 
 PLAN_ERRORS = (ConfigError, DataError, ModelError, ValueError, FileNotFoundError)  # shown as one line
 TIGHT_ABOVE = 0.8  # of free memory
-PAIRED = ("dpo", "simpo", "cpo", "orpo", "reward_model", "kto")  # two sequences per row in each forward pass
-ONLINE = ("grpo", "ppo", "rejection_sampling")  # sequences are prompts + sampled answers
 
 
 def plan_device(cfg: RunConfig) -> torch.device:
@@ -48,10 +45,10 @@ def free_memory(device: torch.device) -> tuple[int, str]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free system memory (RAM)"
 
 
-def _examples_shape(examples: list[dict], objective: str, max_length: int) -> tuple[int, int]:
+def _examples_shape(examples: list[dict], max_length: int) -> tuple[int, int]:
     """(sequences per row in one forward pass, longest sequence in tokens)."""
-    if objective in ONLINE or not examples:
-        return 1, max_length  # prompts + sampled answers: at most data.max_length tokens
+    if not examples or not any(k.endswith("_ids") for k in examples[0]):
+        return 1, max_length  # prompts (online methods) + sampled answers: at most data.max_length tokens
     if "input_ids" in examples[0]:
         return 1, max(len(e["input_ids"]) for e in examples)
     answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in examples[0]]
@@ -66,17 +63,29 @@ def _tokens(examples: list[dict], stats: Any) -> int | None:
     return sum(lengths) if any(lengths) else None
 
 
-def plan_data(cfg: RunConfig, tokenizer) -> dict:
+def plan_data(cfg: RunConfig, tokenizer, objective) -> dict:
     from polmctl.data import load_rows
-    from polmctl.objectives import build_objective
 
-    rows = load_rows(cfg.data.source, cfg.data.split, max_rows=cfg.data.max_rows,
-                     options=dict(cfg.data.options) or None, hub_config=cfg.data.hub_config)
-    examples, stats = build_objective(cfg.method).encode(rows, tokenizer, cfg.data)
-    per_row, longest = _examples_shape(examples, cfg.method.objective, cfg.data.max_length)
-    return {"source": cfg.data.source, "rows": len(rows), "kept": len(examples), "tokens": _tokens(examples, stats),
-            "truncated": getattr(stats, "truncated", 0), "dropped": len(rows) - len(examples),
-            "summary": stats.summary(), "sequences_per_row": per_row, "longest": longest}
+    rows = load_rows(
+        cfg.data.source,
+        cfg.data.split,
+        max_rows=cfg.data.max_rows,
+        options=dict(cfg.data.options) or None,
+        hub_config=cfg.data.hub_config,
+    )
+    examples, stats = objective.encode(rows, tokenizer, cfg.data)
+    per_row, longest = _examples_shape(examples, cfg.data.max_length)
+    return {
+        "source": cfg.data.source,
+        "rows": len(rows),
+        "kept": len(examples),
+        "tokens": _tokens(examples, stats),
+        "truncated": getattr(stats, "truncated", 0),
+        "dropped": len(rows) - len(examples),
+        "summary": stats.summary(),
+        "sequences_per_row": per_row,
+        "longest": longest,
+    }
 
 
 def _config(model_cfg, cache_dir):
@@ -85,8 +94,13 @@ def _config(model_cfg, cache_dir):
     from polmctl.models.load import _adapter_base, _call, resolve_model_path
 
     path = resolve_model_path(model_cfg.name_or_path, cache_dir)
-    return _call(AutoConfig.from_pretrained, _adapter_base(path, cache_dir) or path, "model config",
-                 trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    return _call(
+        AutoConfig.from_pretrained,
+        _adapter_base(path, cache_dir) or path,
+        "model config",
+        trust_remote_code=model_cfg.trust_remote_code,
+        revision=model_cfg.revision,
+    )
 
 
 def meta_model(model_cfg, dtype: torch.dtype, head: str = "causal_lm"):
@@ -136,8 +150,9 @@ def optimizer_bytes(trainable: list[torch.nn.Parameter], optimizer: str, momentu
     return _nbytes(trainable) if momentum else 0
 
 
-def activation_bytes(config, rows: int, seq: int, element: int, checkpointing: bool, eager: bool,
-                     lm_head: bool = True) -> int:
+def activation_bytes(
+    config, rows: int, seq: int, element: int, checkpointing: bool, eager: bool, lm_head: bool = True
+) -> int:
     """What the backward pass keeps, for ``rows`` sequences of ``seq`` tokens.
 
     Per decoder layer and token, a Llama-style block saves about 8*h + 4*kv + 4*i values
@@ -163,47 +178,56 @@ def activation_bytes(config, rows: int, seq: int, element: int, checkpointing: b
 
 
 def _extra_model(cfg: RunConfig, policy_weights: int) -> tuple[str, int] | None:
-    """A second model the run holds: the distillation teacher, or, in full fine-tuning with a KL
-    term, the frozen reference copy (LoRA runs use the base model itself, adapter off)."""
-    from polmctl.config.schema import ModelConfig
+    """The second model the run holds, as the method's registry row says: a distillation teacher
+    (its own weights), or a frozen reference copy of the policy (full fine-tuning with a KL term)."""
+    from polmctl.methods.registry import method_spec
     from polmctl.models.load import resolve_dtype
 
-    m = cfg.method
-    if m.objective == "distill":
-        teacher = ModelConfig(name_or_path=m.teacher, dtype=m.teacher_dtype, quantization=m.teacher_quantization,
-                              cache_dir=cfg.model.cache_dir)
-        model = meta_model(teacher, resolve_dtype(teacher.dtype, plan_device(cfg)))
-        return f"teacher {m.teacher}", weight_bytes(model, teacher.quantization)
-    kl = getattr(m, "beta", 0) if m.objective == "grpo" else getattr(m, "kl_coef", 0) if m.objective == "ppo" else 0
-    if kl and cfg.peft.method == "none":
-        return "frozen reference copy", policy_weights
-    return None
+    second = method_spec(cfg.method.name).second_model(cfg)
+    if second is None:
+        return None
+    what, model_cfg = second
+    if model_cfg is None:
+        return what, policy_weights
+    model = meta_model(model_cfg, resolve_dtype(model_cfg.dtype, plan_device(cfg)))
+    return what, weight_bytes(model, model_cfg.quantization)
 
 
 def make_plan(args: list[str]) -> dict:
-    from polmctl.config.compose import compose_validated
+    from polmctl.compose import compose_validated
+    from polmctl.methods.registry import build_objective, method_spec
     from polmctl.models import apply_peft, load_tokenizer
     from polmctl.models.load import resolve_dtype
-    from polmctl.objectives import OBJECTIVES, build_objective
 
     cfg, _ = compose_validated(args)
-    if cfg.runner == "pipeline":
-        raise ConfigError("runner", "a pipeline is planned stage by stage: polmctl plan recipe=<a stage's recipe> ...")
+    runner = method_spec(cfg.method.name).runner
+    if runner == "pipeline":
+        raise ConfigError(
+            "method.name", "a pipeline is planned stage by stage: polmctl plan recipe=<a stage's recipe> ..."
+        )
     device = plan_device(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    trains = cfg.runner == "train" and cfg.method.objective in OBJECTIVES
-    data = plan_data(cfg, tokenizer) if trains else None
+    trains = runner == "train"
+    objective = build_objective(cfg.method) if trains else None
+    data = plan_data(cfg, tokenizer, objective) if trains else None
 
     dtype = resolve_dtype(cfg.model.dtype, device)
-    head = getattr(build_objective(cfg.method), "model_head", "causal_lm") if trains else "causal_lm"
+    head = objective.model_head if trains else "causal_lm"
     model = meta_model(cfg.model, dtype, head)
     config = model.config
     weights = weight_bytes(model, cfg.model.quantization)
     total_params = sum(p.numel() for p in model.parameters())
     memory = {"weights": weights}
-    result: dict[str, Any] = {"runner": cfg.runner, "recipe": cfg.recipe.name, "model": cfg.model.name_or_path,
-                              "dtype": str(dtype).replace("torch.", ""), "quantization": cfg.model.quantization,
-                              "parameters": total_params, "device": str(device), "data": data}
+    result: dict[str, Any] = {
+        "runner": runner,
+        "recipe": cfg.recipe.name,
+        "model": cfg.model.name_or_path,
+        "dtype": str(dtype).replace("torch.", ""),
+        "quantization": cfg.model.quantization,
+        "parameters": total_params,
+        "device": str(device),
+        "data": data,
+    }
     if trains:
         model = apply_peft(model, cfg.peft, tokenizer)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -214,8 +238,15 @@ def make_plan(args: list[str]) -> dict:
         rows = cfg.trainer.micro_batch_size * data["sequences_per_row"]
         seq = min(cfg.data.max_length, data["longest"]) if not cfg.data.packing else cfg.data.max_length
         element = 2 if cfg.trainer.mixed_precision in ("bf16", "fp16") else torch.finfo(dtype).bits // 8
-        memory["activations"] = activation_bytes(config, rows, seq, element, cfg.model.gradient_checkpointing,
-                                                 cfg.model.attn_implementation == "eager", lm_head=head != "reward")
+        memory["activations"] = activation_bytes(
+            config,
+            rows,
+            seq,
+            element,
+            cfg.model.gradient_checkpointing,
+            cfg.model.attn_implementation == "eager",
+            lm_head=head != "reward",
+        )
         result["activations_at"] = f"{rows} sequences x {seq} tokens"
         extra = _extra_model(cfg, weights)
         if extra:
@@ -223,9 +254,15 @@ def make_plan(args: list[str]) -> dict:
     free, measured = free_memory(device)
     need = sum(memory.values())
     verdict = "FITS" if need <= TIGHT_ABOVE * free else "TIGHT" if need <= free else "DOES NOT FIT"
-    result.update(memory=memory, total_bytes=need, free_bytes=free, free_measured=measured, verdict=verdict,
-                  verdict_reason=f"{_gib(need)} needed per process, {_gib(free)} {measured} "
-                                 f"({100 * need / max(free, 1):.0f}%; TIGHT above {TIGHT_ABOVE:.0%})")
+    result.update(
+        memory=memory,
+        total_bytes=need,
+        free_bytes=free,
+        free_measured=measured,
+        verdict=verdict,
+        verdict_reason=f"{_gib(need)} needed per process, {_gib(free)} {measured} "
+        f"({100 * need / max(free, 1):.0f}%; TIGHT above {TIGHT_ABOVE:.0%})",
+    )
     return result
 
 
@@ -236,15 +273,21 @@ def _gib(n: int) -> str:
 def plan_table(result: dict):
     from rich.table import Table
 
-    table = Table(title=f"plan: {result['recipe']} on {result['model']} ({result['device']})", title_justify="left",
-                  show_header=False)
+    table = Table(
+        title=f"plan: {result['recipe']} on {result['model']} ({result['device']})",
+        title_justify="left",
+        show_header=False,
+    )
     table.add_column("what")
     table.add_column("value", overflow="fold")
     data = result["data"]
     if data:
         table.add_row("data", f"{data['source']}: {data['summary']}")
-        tokens = f"{data['tokens']:,} tokens, longest {data['longest']:,}" if data["tokens"] else \
-            f"prompts (answers are sampled), up to {data['longest']:,} tokens"
+        tokens = (
+            f"{data['tokens']:,} tokens, longest {data['longest']:,}"
+            if data["tokens"]
+            else f"prompts (answers are sampled), up to {data['longest']:,} tokens"
+        )
         table.add_row("rows / tokens", f"{data['kept']:,} of {data['rows']:,} rows kept, {tokens}")
         table.add_row("truncated / dropped", f"{data['truncated']:,} / {data['dropped']:,}")
     table.add_row("parameters", f"{result['parameters']:,} ({result['dtype']}, quantization={result['quantization']})")

@@ -20,18 +20,24 @@ from typing import Any
 
 import yaml
 
+from polmctl.errors import CommandError
+
 DEFAULT_ROOTS = ("outputs", "multirun")
 # Overrides shown in their own column, not among the key overrides.
 OWN_COLUMNS = ("recipe", "model", "model.name_or_path")
 # Headline numbers of runners other than train (quantize, prune, pipeline...), dotted, when present.
-HEADLINE_KEYS = ("objective", "sparsity.overall", "layers.after", "params.after", "size_on_disk_bytes.ratio",
-                 "param_memory_bytes.ratio", "tokens_per_s.ratio", "calibration.perplexity_after")
+HEADLINE_KEYS = (
+    "objective",
+    "sparsity.overall",
+    "layers.after",
+    "params.after",
+    "size_on_disk_bytes.ratio",
+    "param_memory_bytes.ratio",
+    "tokens_per_s.ratio",
+    "calibration.perplexity_after",
+)
 # Eval entries that count things rather than measure them.
 NOT_METRICS = ("n", "tokens")
-
-
-class CommandError(RuntimeError):
-    """A run-management command cannot do what was asked; the message is one line that says why."""
 
 
 @dataclass
@@ -51,10 +57,20 @@ class RunInfo:
     all_overrides: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        return {"run_dir": str(self.dir), "recipe": self.recipe, "runner": self.runner, "model": self.model,
-                "overrides": self.overrides, "status": self.status, "started": _iso(self.started),
-                "wall_time_s": self.wall_time_s, "wall_time_measured": self.wall_time_measured,
-                "steps": self.steps, "metrics": self.metrics, "metrics_before": self.before}
+        return {
+            "run_dir": str(self.dir),
+            "recipe": self.recipe,
+            "runner": self.runner,
+            "model": self.model,
+            "overrides": self.overrides,
+            "status": self.status,
+            "started": _iso(self.started),
+            "wall_time_s": self.wall_time_s,
+            "wall_time_measured": self.wall_time_measured,
+            "steps": self.steps,
+            "metrics": self.metrics,
+            "metrics_before": self.before,
+        }
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -65,6 +81,15 @@ def find_run_dirs(root: Path) -> list[Path]:
 def is_run_dir(path: Path) -> bool:
     """A Hydra run dir, or a dir a runner wrote into without Hydra (output_dir=...)."""
     return any((path / name).is_file() for name in (".hydra/config.yaml", "summary.json", "metrics.jsonl"))
+
+
+def _runner_of(config: dict) -> str:
+    """The runner of a recorded config's method (runs recorded before the runner followed from the
+    method have a ``runner`` key instead)."""
+    from polmctl.methods.registry import METHODS
+
+    name = _get(config, "method.name")
+    return METHODS[name].runner if name in METHODS else "?"
 
 
 def read_run(run_dir: Path) -> RunInfo:
@@ -82,22 +107,34 @@ def read_run(run_dir: Path) -> RunInfo:
 
     recipe = _get(config, "recipe.name") or known.get("recipe") or "?"
     model = _get(config, "model.name_or_path") or known.get("model") or "?"
-    runner = _get(config, "runner") or known.get("runner") or "?"
+    runner = _get(config, "runner") or known.get("runner") or _runner_of(config)
     wall = known.get("wall_time_s")
     measured = _number(wall)
     if not measured:
-        written = [p.stat().st_mtime for p in data_dir.iterdir() if p.is_file() and p.stat().st_size] if not missing else []
+        written = (
+            [p.stat().st_mtime for p in data_dir.iterdir() if p.is_file() and p.stat().st_size] if not missing else []
+        )
         wall = max(written) - started if written and max(written) > started else None
     steps = known.get("steps")
     if not isinstance(steps, int) and steps_log:
         steps = steps_log[-1].get("step")
     metrics, before = headline_metrics(summary, steps_log)
     status = "output_dir gone" if missing else run_status(summary, data_dir)
-    return RunInfo(dir=data_dir, recipe=str(recipe), runner=str(runner), model=str(model),
-                   overrides=[o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in OWN_COLUMNS],
-                   status=status, started=started, wall_time_s=wall,
-                   wall_time_measured=measured, steps=steps if isinstance(steps, int) else None,
-                   metrics=metrics, before=before, all_overrides=overrides)
+    return RunInfo(
+        dir=data_dir,
+        recipe=str(recipe),
+        runner=str(runner),
+        model=str(model),
+        overrides=[o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in OWN_COLUMNS],
+        status=status,
+        started=started,
+        wall_time_s=wall,
+        wall_time_measured=measured,
+        steps=steps if isinstance(steps, int) else None,
+        metrics=metrics,
+        before=before,
+        all_overrides=overrides,
+    )
 
 
 def output_dir(config: dict, run_dir: Path) -> tuple[Path, bool]:
@@ -132,13 +169,17 @@ def run_roots(dirs: list[Path] | None) -> list[Path]:
     if dirs:
         for d in dirs:
             if not d.is_dir():
-                raise CommandError(f"{d}: no such directory; give a dir that holds run dirs (outputs, multirun, "
-                                   "a sweep dir or a run dir)")
+                raise CommandError(
+                    f"{d}: no such directory; give a dir that holds run dirs (outputs, multirun, "
+                    "a sweep dir or a run dir)"
+                )
         return list(dirs)
     roots = [Path(d) for d in DEFAULT_ROOTS if Path(d).is_dir()]
     if not roots:
-        raise CommandError(f"no {' or '.join(d + '/' for d in DEFAULT_ROOTS)} in {Path.cwd()}; run polmctl runs DIR "
-                           "with the dir your runs are in (see hydra.run.dir / hydra.sweep.dir)")
+        raise CommandError(
+            f"no {' or '.join(d + '/' for d in DEFAULT_ROOTS)} in {Path.cwd()}; run polmctl runs DIR "
+            "with the dir your runs are in (see hydra.run.dir / hydra.sweep.dir)"
+        )
     return roots
 
 
@@ -265,7 +306,9 @@ def fmt_metrics(run: RunInfo) -> str:
     parts = []
     for key, value in run.metrics.items():
         old = run.before.get(key)
-        parts.append(f"{key} {fmt_number(old)}->{fmt_number(value)}" if old is not None else f"{key} {fmt_number(value)}")
+        parts.append(
+            f"{key} {fmt_number(old)}->{fmt_number(value)}" if old is not None else f"{key} {fmt_number(value)}"
+        )
     return "\n".join(parts) or "-"
 
 
@@ -283,15 +326,25 @@ def runs_table(runs: list[RunInfo], title: str):
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("started", "run dir", "recipe", "model", "overrides", "status", "steps", "wall", "final metrics"):
-        table.add_column(col, overflow="fold", no_wrap=col in ("steps", "status"),
-                         justify="right" if col == "steps" else "left")
+        table.add_column(
+            col, overflow="fold", no_wrap=col in ("steps", "status"), justify="right" if col == "steps" else "left"
+        )
     for run in runs:
-        status_style = {"completed": "green", "finished": "green"}.get(run.status, "yellow" if run.status in
-                                                                        ("incomplete", "running") else "red")
+        status_style = {"completed": "green", "finished": "green"}.get(
+            run.status, "yellow" if run.status in ("incomplete", "running") else "red"
+        )
         wall = fmt_duration(run.wall_time_s)
-        cells = [dt.datetime.fromtimestamp(run.started).strftime("%m-%d %H:%M"), display_path(run.dir), run.recipe,
-                 run.model, " ".join(run.overrides) or "-", run.status, fmt_number(run.steps),
-                 wall if run.wall_time_measured or wall == "-" else f"~{wall}", fmt_metrics(run)]
+        cells = [
+            dt.datetime.fromtimestamp(run.started).strftime("%m-%d %H:%M"),
+            display_path(run.dir),
+            run.recipe,
+            run.model,
+            " ".join(run.overrides) or "-",
+            run.status,
+            fmt_number(run.steps),
+            wall if run.wall_time_measured or wall == "-" else f"~{wall}",
+            fmt_metrics(run),
+        ]
         # Text, not markup: overrides like eval.tasks=[a,b] would read as rich tags.
         table.add_row(*(Text(c, style=status_style if i == 5 else "") for i, c in enumerate(cells)))
     return table

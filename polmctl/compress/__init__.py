@@ -1,24 +1,21 @@
 """Compression (the efficiency paradigm): pruning, keeping the zeros through fine-tuning,
 and quantization.
 
-  polmctl.compress.config    ``PruneMethod``, the ``method`` node of ``recipe=prune``
   polmctl.compress.prune     importance scores and keep-masks (magnitude, Wanda, N:M, ShortGPT
                              Block Influence), the calibration pass, layer dropping
   polmctl.compress.sparsity  ``SparsityMasks``: re-zero pruned weights after each optimizer step
                              and before a merged save
   polmctl.compress.quantize  post-training weight quantization (recipe=quantize)
 
-Only the torch-free config is imported here (the objectives registry imports it); the
-others load on first use: ``from polmctl.compress import SparsityMasks`` works.
+The ``method`` nodes of recipe=prune and recipe=quantize are in polmctl/methods/. Modules load on
+first use: ``from polmctl.compress import SparsityMasks`` works.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from polmctl.compress.config import PruneMethod
-
-__all__ = ["PruneMethod", "SparsityMasks"]
+__all__ = ["SparsityMasks"]
 
 
 def __getattr__(name: str) -> Any:

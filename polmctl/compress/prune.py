@@ -30,8 +30,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from polmctl.config.schema import ConfigError
-from polmctl.models.errors import ModelError
+from polmctl.errors import ConfigError, ModelError
+from polmctl.losses.sft import shifted_token_nll
 
 # -- pure functions of tensors ------------------------------------------------------------
 
@@ -69,8 +69,10 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_j||_2: ``weight`` is [out, in], ``act_norm`` the [in] L2 norms of each input channel."""
     if act_norm.shape != weight.shape[-1:]:
-        raise ValueError(f"activation norms of shape {tuple(act_norm.shape)} do not match the input dim of a "
-                         f"weight of shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"activation norms of shape {tuple(act_norm.shape)} do not match the input dim of a "
+            f"weight of shape {tuple(weight.shape)}"
+        )
     return weight.detach().abs().float() * act_norm.to(weight.device, torch.float32).unsqueeze(0)
 
 
@@ -92,8 +94,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
-def block_influence(x_in: torch.Tensor, x_out: torch.Tensor,
-                    mask: torch.Tensor | None = None) -> tuple[float, int]:
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, int]:
     """ShortGPT's Block Influence summed over tokens: (sum of 1 - cos(x_in_t, x_out_t), token count).
 
     ``x_in`` / ``x_out`` are [..., hidden]; ``mask`` (same leading shape) selects real tokens.
@@ -110,8 +111,9 @@ def least_important(scores: Sequence[float], k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def layers_to_drop(num_layers: int, num_layers_to_drop: int | None, layer_fraction: float,
-                   section: str = "method") -> int:
+def layers_to_drop(
+    num_layers: int, num_layers_to_drop: int | None, layer_fraction: float, section: str = "method"
+) -> int:
     """How many of ``num_layers`` decoder layers depth pruning removes; a ConfigError names the key
     when that is none or all of them."""
     if num_layers_to_drop is not None:
@@ -119,11 +121,16 @@ def layers_to_drop(num_layers: int, num_layers_to_drop: int | None, layer_fracti
     else:
         key, k = f"{section}.layer_fraction", int(math.floor(layer_fraction * num_layers + 0.5))
     if k < 1:
-        raise ConfigError(key, f"drops {k} of the model's {num_layers} decoder layers; drop at least 1 "
-                               f"(e.g. {section}.num_layers_to_drop=1)")
+        raise ConfigError(
+            key,
+            f"drops {k} of the model's {num_layers} decoder layers; drop at least 1 "
+            f"(e.g. {section}.num_layers_to_drop=1)",
+        )
     if k >= num_layers:
-        raise ConfigError(key, f"would drop {k} of the model's {num_layers} decoder layers; keep at least 1 "
-                               f"(at most {num_layers - 1})")
+        raise ConfigError(
+            key,
+            f"would drop {k} of the model's {num_layers} decoder layers; keep at least 1 (at most {num_layers - 1})",
+        )
     return k
 
 
@@ -147,8 +154,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for _, module in base.named_modules():
         if isinstance(module, nn.ModuleList) and n and len(module) == n:
             return module
-    raise ModelError(f"cannot find the decoder layers of {type(base).__name__} (no model.layers, and no ModuleList "
-                     "of config.num_hidden_layers blocks); pruning supports decoder-only transformers models")
+    raise ModelError(
+        f"cannot find the decoder layers of {type(base).__name__} (no model.layers, and no ModuleList "
+        "of config.num_hidden_layers blocks); pruning supports decoder-only transformers models"
+    )
 
 
 def _text_config(model: nn.Module):
@@ -170,11 +179,17 @@ def prunable_linears(model: nn.Module, modules: Sequence[str] = ("all-linear",))
     base = base_model(model)
     layers = decoder_layers(base)
     inside = {id(m) for layer in layers for m in layer.modules()}
-    found = {name: m for name, m in base.named_modules() if isinstance(m, nn.Linear) and id(m) in inside
-             and _selected(name, modules)}
+    found = {
+        name: m
+        for name, m in base.named_modules()
+        if isinstance(m, nn.Linear) and id(m) in inside and _selected(name, modules)
+    }
     if not found:
-        raise ConfigError("method.modules", f"selects no Linear layer inside the decoder blocks (got {list(modules)}); "
-                                            "use ['all-linear'] or parts of names such as mlp, q_proj")
+        raise ConfigError(
+            "method.modules",
+            f"selects no Linear layer inside the decoder blocks (got {list(modules)}); "
+            "use ['all-linear'] or parts of names such as mlp, q_proj",
+        )
     return found
 
 
@@ -182,12 +197,16 @@ def check_prunable(model: nn.Module) -> None:
     """A ModelError if the weights are not plain floating-point tensors (a quantized model)."""
     base = base_model(model)
     if getattr(base, "is_quantized", False) or getattr(base.config, "quantization_config", None):
-        raise ModelError("model.name_or_path holds a quantized model; pruning needs full-precision weights: "
-                         "prune the full-precision model, then quantize the pruned one")
+        raise ModelError(
+            "model.name_or_path holds a quantized model; pruning needs full-precision weights: "
+            "prune the full-precision model, then quantize the pruned one"
+        )
     for name, p in base.named_parameters():
         if not p.is_floating_point():
-            raise ModelError(f"{name} is stored as {p.dtype}, not floating point (a quantized layer); pruning "
-                             "needs full-precision weights")
+            raise ModelError(
+                f"{name} is stored as {p.dtype}, not floating point (a quantized layer); pruning "
+                "needs full-precision weights"
+            )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -201,8 +220,8 @@ def count_parameters(model: nn.Module) -> int:
 @dataclass
 class CalibrationResult:
     act_norms: dict[str, torch.Tensor] = field(default_factory=dict)  # Linear name -> [in] L2 norms of its input
-    layer_importance: list[float] = field(default_factory=list)       # Block Influence of each decoder layer
-    nll: float = 0.0                                                  # mean next-token NLL over the labelled tokens
+    layer_importance: list[float] = field(default_factory=list)  # Block Influence of each decoder layer
+    nll: float = 0.0  # mean next-token NLL over the labelled tokens
     tokens: int = 0
 
     @property
@@ -211,8 +230,13 @@ class CalibrationResult:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[dict], *, linears: dict[str, nn.Linear] | None = None,
-              layer_importance: bool = False) -> CalibrationResult:
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[dict],
+    *,
+    linears: dict[str, nn.Linear] | None = None,
+    layer_importance: bool = False,
+) -> CalibrationResult:
     """One pass over ``batches`` (``input_ids``, ``attention_mask``, ``labels``): the perplexity on
     them, the input-channel L2 norms of each of ``linears``, and with ``layer_importance`` the
     Block Influence of every decoder layer. Padding tokens are left out of every measure."""
@@ -230,6 +254,7 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, linears: dict[str, n
             x = tokens_of(args[0]).float()
             total = (x * x).sum(0)
             sq[name] = total if sq[name] is None else sq[name] + total
+
         return hook
 
     def layer_hook(i):
@@ -240,6 +265,7 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, linears: dict[str, n
             s, n = block_influence(x_in, x_out, mask)
             bi[i][0] += s
             bi[i][1] += n
+
         return hook
 
     was_training = model.training
@@ -256,12 +282,10 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, linears: dict[str, n
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             current["mask"] = batch["attention_mask"].bool()
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-            labels = batch["labels"][:, 1:]
-            nll += torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                                                     labels.reshape(-1), ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            batch_nll, batch_count = shifted_token_nll(logits, batch["labels"])
+            nll += batch_nll.item()
+            count += int(batch_count)
     finally:
         for h in handles:
             h.remove()
@@ -269,15 +293,25 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, linears: dict[str, n
     return CalibrationResult(
         act_norms={name: total.sqrt() for name, total in sq.items() if total is not None},
         layer_importance=[s / max(n, 1) for s, n in bi],
-        nll=nll / max(count, 1), tokens=count)
+        nll=nll / max(count, 1),
+        tokens=count,
+    )
 
 
 # -- applying masks and dropping layers ---------------------------------------------------
 
 
 @torch.no_grad()
-def prune_linears(linears: dict[str, nn.Linear], *, criterion: str, sparsity: float = 0.5, n: int = 2, m: int = 4,
-                  nm_score: str = "magnitude", act_norms: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+def prune_linears(
+    linears: dict[str, nn.Linear],
+    *,
+    criterion: str,
+    sparsity: float = 0.5,
+    n: int = 2,
+    m: int = 4,
+    nm_score: str = "magnitude",
+    act_norms: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Zero the weights of each Linear in place by ``criterion`` (magnitude | wanda | nm); returns
     ``{"<name>.weight": fraction of zeros}`` for every pruned tensor."""
     achieved = {}
@@ -285,8 +319,9 @@ def prune_linears(linears: dict[str, nn.Linear], *, criterion: str, sparsity: fl
         w = module.weight
         needs_norms = criterion == "wanda" or (criterion == "nm" and nm_score == "wanda")
         if needs_norms and (act_norms is None or name not in act_norms):
-            raise ModelError(f"no calibration activations reached {name}; wanda scores need it to run in the "
-                             "forward pass")
+            raise ModelError(
+                f"no calibration activations reached {name}; wanda scores need it to run in the forward pass"
+            )
         if criterion == "magnitude":
             keep = magnitude_mask(w, sparsity)
         elif criterion == "wanda":

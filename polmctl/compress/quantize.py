@@ -1,5 +1,5 @@
-"""Post-training weight quantization (``recipe=quantize``, run by ``runner: quantize``): the
-``method`` node, the quantizing load, and what the runner measures before and after.
+"""Post-training weight quantization (``recipe=quantize``): the quantizing load, and what the
+quantize runner measures before and after.
 
     polmctl run recipe=quantize                            # nf4: bitsandbytes 4-bit NormalFloat, double quant
     polmctl run recipe=quantize method.scheme=int8         # bitsandbytes LLM.int8()
@@ -28,7 +28,7 @@ transformers' ``TorchAoHfQuantizer`` flattens into safetensors and rebuilds on l
 dir round-trips. Weight-only is the default: in eager mode on the CPUs tried it generated at about
 float32 speed with 4x smaller linear weights, while dynamic activation quantization was slower.
 
-This module imports no torch at the top: the objectives registry imports ``QuantizeMethod``.
+The ``method`` node is polmctl/methods/quantize.py; this module imports no torch at the top.
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ import time
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from polmctl.config.schema import ConfigError, _f, one_of, positive
+from polmctl.errors import ConfigError
 
 SCHEMES = ("nf4", "fp4", "int8", "cpu_int8")
 BNB_SCHEMES = ("nf4", "fp4", "int8")
@@ -51,31 +50,6 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TORCHAO_MIN = "0.15"  # transformers 5.24 treats an older torchao as absent (TORCHAO_MIN_VERSION)
 TORCHAO_INSTALL = f"pip install 'torchao>={TORCHAO_MIN}' (polmctl's quant extra)"
 WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # a model dir's weights (not e.g. value_head.safetensors)
-
-
-@dataclass
-class QuantizeMethod:
-    objective: str = _f("quantize", "quantize: post-training weight quantization, no training (runner: quantize)")
-    scheme: str = _f("nf4", "nf4 | fp4 (bitsandbytes 4-bit) | int8 (bitsandbytes LLM.int8) | cpu_int8 (torchao "
-                               "int8 weights, for inference on CPUs; pip install 'torchao>=0.15')")
-    double_quant: bool = _f(True, "nf4 / fp4: also quantize the per-block scales (about 0.4 bits per weight less)")
-    compute_dtype: str = _f("auto", "dtype of the activations and of the weights left unquantized (embeddings, "
-                                       "norms), and of nf4 / fp4 matmuls: auto (model.dtype; 4-bit matmuls in "
-                                       "float32 on CPU, bfloat16 or float16 on CUDA) | float32 | bfloat16 | float16")
-    dynamic_activations: bool = _f(False, "cpu_int8: also quantize activations to int8 per token at run time "
-                                             "(torchao Int8DynamicActivationInt8Weight) instead of weights only")
-    speed_prompts: int = _f(16, "held-out arithmetic prompts generated greedily before and after, for tokens/s")
-    speed_max_new_tokens: int = _f(32, "tokens/s measurement: new tokens per prompt at most")
-    speed_batch_size: int = _f(8, "tokens/s measurement: prompts per generate call")
-
-    def check(self, section: str) -> None:
-        one_of(section, "scheme", self.scheme, SCHEMES)
-        one_of(section, "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        if self.dynamic_activations and self.scheme != "cpu_int8":
-            raise ConfigError(f"{section}.dynamic_activations", f"only cpu_int8 quantizes activations, not "
-                                                                f"{self.scheme}; set method.dynamic_activations=false")
-        for name in ("speed_prompts", "speed_max_new_tokens", "speed_batch_size"):
-            positive(section, name, getattr(self, name))
 
 
 def _first_line(err: BaseException) -> str:
@@ -107,23 +81,34 @@ def check_backend(scheme: str, device) -> None:
         try:
             import bitsandbytes
         except (ImportError, RuntimeError, OSError) as err:  # missing, or its native library does not load
-            raise ConfigError("method.scheme", f"{scheme} needs a working bitsandbytes ({_first_line(err)}): "
-                                               "pip install -U bitsandbytes, or use method.scheme=cpu_int8") from None
+            raise ConfigError(
+                "method.scheme",
+                f"{scheme} needs a working bitsandbytes ({_first_line(err)}): "
+                "pip install -U bitsandbytes, or use method.scheme=cpu_int8",
+            ) from None
         supported = getattr(bitsandbytes, "supported_torch_devices", {"cpu", "cuda"})
         if device.type not in supported:
-            raise ConfigError("method.scheme", f"{scheme}: bitsandbytes {bitsandbytes.__version__} does not run on "
-                                               f"{device.type} (it runs on {', '.join(sorted(supported))}); set "
-                                               "trainer.device to one of those, or use method.scheme=cpu_int8")
+            raise ConfigError(
+                "method.scheme",
+                f"{scheme}: bitsandbytes {bitsandbytes.__version__} does not run on "
+                f"{device.type} (it runs on {', '.join(sorted(supported))}); set "
+                "trainer.device to one of those, or use method.scheme=cpu_int8",
+            )
         return
     if device.type != "cpu":
-        raise ConfigError("trainer.device", f"method.scheme=cpu_int8 quantizes for CPU inference, got device "
-                                            f"{device}; use trainer.device=cpu, or method.scheme=int8 / nf4 on GPUs")
+        raise ConfigError(
+            "trainer.device",
+            f"method.scheme=cpu_int8 quantizes for CPU inference, got device "
+            f"{device}; use trainer.device=cpu, or method.scheme=int8 / nf4 on GPUs",
+        )
     with quiet_backends():
         try:
             import torchao
         except (ImportError, RuntimeError, OSError) as err:
-            raise ConfigError("method.scheme", f"cpu_int8 needs torchao ({_first_line(err)}): {TORCHAO_INSTALL}, "
-                                               "or use method.scheme=int8") from None
+            raise ConfigError(
+                "method.scheme",
+                f"cpu_int8 needs torchao ({_first_line(err)}): {TORCHAO_INSTALL}, or use method.scheme=int8",
+            ) from None
     from packaging.version import Version
 
     found = getattr(torchao, "__version__", "unknown")
@@ -132,20 +117,24 @@ def check_backend(scheme: str, device) -> None:
     except ValueError:  # "unknown" or a local build: let transformers decide
         too_old = False
     if too_old:
-        raise ConfigError("method.scheme", f"cpu_int8 needs torchao >= {TORCHAO_MIN}, found {found}: "
-                                           f"{TORCHAO_INSTALL}, or use method.scheme=int8")
+        raise ConfigError(
+            "method.scheme",
+            f"cpu_int8 needs torchao >= {TORCHAO_MIN}, found {found}: {TORCHAO_INSTALL}, or use method.scheme=int8",
+        )
 
 
-def load_dtype(method: QuantizeMethod, model_dtype: str, device):
+def load_dtype(method, model_dtype: str, device):
     """The torch dtype the model loads in: method.compute_dtype, or model.dtype's resolution for auto."""
     import torch
 
     from polmctl.models.load import resolve_dtype
 
-    return resolve_dtype(model_dtype, device) if method.compute_dtype == "auto" else getattr(torch, method.compute_dtype)
+    return (
+        resolve_dtype(model_dtype, device) if method.compute_dtype == "auto" else getattr(torch, method.compute_dtype)
+    )
 
 
-def quantization_config(method: QuantizeMethod, device):
+def quantization_config(method, device):
     """The transformers quantization config of ``method.scheme``: BitsAndBytesConfig or TorchAoConfig."""
     import torch
 
@@ -165,17 +154,22 @@ def quantization_config(method: QuantizeMethod, device):
         return TorchAoConfig(ao)
 
 
-def quantize_model(source: str | Path, method: QuantizeMethod, *, device, dtype, trust_remote_code: bool = False):
+def quantize_model(source: str | Path, method, *, device, dtype, trust_remote_code: bool = False):
     """The causal LM in the full-precision model dir ``source``, loaded quantized by ``method``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from polmctl.models.errors import ModelError
+    from polmctl.errors import ModelError
 
     config = quantization_config(method, device)
     try:
         with quiet_backends():
-            model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=config, dtype=dtype,
-                                                         device_map={"": device}, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source),
+                quantization_config=config,
+                dtype=dtype,
+                device_map={"": device},
+                trust_remote_code=trust_remote_code,
+            )
     except (OSError, ValueError, ImportError, RuntimeError) as err:
         raise ModelError(f"cannot quantize {source} with method.scheme={method.scheme}: {_first_line(err)}") from None
     model.eval()
@@ -269,8 +263,12 @@ def weights_bytes(model_dir: str | Path) -> int:
 def is_full_model_dir(path: str | Path) -> bool:
     """A local dir holding a whole model's weights (not a peft adapter, not a hub id)."""
     path = Path(path)
-    return (path.is_dir() and (path / "config.json").is_file() and not (path / "adapter_config.json").exists()
-            and bool(weight_files(path)))
+    return (
+        path.is_dir()
+        and (path / "config.json").is_file()
+        and not (path / "adapter_config.json").exists()
+        and bool(weight_files(path))
+    )
 
 
 def describe_quantization(config: Any) -> str | None:
@@ -315,7 +313,7 @@ def model_quantization(model) -> str | None:
 def speed_prompts(tokenizer, n: int) -> list[str]:
     """The first ``n`` held-out prompts of builtin:arithmetic's test split, rendered for the model."""
     from polmctl.data import format_prompt, load_rows
-    from polmctl.evals.arithmetic import prompt_of
+    from polmctl.data.prompts import prompt_of
 
     return [format_prompt(prompt_of(r), tokenizer) for r in load_rows("builtin:arithmetic", "test", max_rows=n)]
 
@@ -337,13 +335,18 @@ def generation_speed(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     generate(model, tokenizer, prompts[:1], max_new_tokens=2, batch_size=1, decode=False)
     sync()
     started = time.perf_counter()
-    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           decode=False)
+    completions = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, decode=False
+    )
     sync()
     seconds = time.perf_counter() - started
     tokens = sum(len(c) for c in completions)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else None,
-            "completions": completions}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "completions": completions,
+    }
 
 
 def ratio(after: float | None, before: float | None) -> float | None:

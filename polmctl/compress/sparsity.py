@@ -54,7 +54,7 @@ def canonical_name(name: str) -> str:
         stripped = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
+                name, stripped = name[len(prefix) :], True
     parts, out, skip = name.split("."), [], False
     for i, part in enumerate(parts):
         if skip:
@@ -117,8 +117,10 @@ class SparsityMasks:
         """~keep on ``tensor``'s device; the keep-mask moves there once (one copy is kept)."""
         mask = self.masks[name]
         if mask.shape != tensor.shape:
-            raise ValueError(f"sparsity mask for {name} has shape {tuple(mask.shape)}, the tensor "
-                             f"{tuple(tensor.shape)}; the masks belong to another model")
+            raise ValueError(
+                f"sparsity mask for {name} has shape {tuple(mask.shape)}, the tensor "
+                f"{tuple(tensor.shape)}; the masks belong to another model"
+            )
         if mask.device != tensor.device:
             mask = self.masks[name] = mask.to(tensor.device)
         return ~mask
@@ -148,5 +150,6 @@ class SparsityMasks:
 
     @torch.no_grad()
     def violations(self, model: nn.Module) -> int:
-        return sum(int((p[self._drop_mask(name, p)] != 0).sum().item())
-                   for name, p in self._matches(model.named_parameters()))
+        return sum(
+            int((p[self._drop_mask(name, p)] != 0).sum().item()) for name, p in self._matches(model.named_parameters())
+        )

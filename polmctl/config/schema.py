@@ -2,12 +2,12 @@
 
 YAML in ``polmctl/conf`` fills these dataclasses; Hydra checks key names and types while
 composing (the ``polmctl_schema`` node is first in conf/config.yaml's defaults), and
-``polmctl.config.validate`` runs the semantic checks in ``check()`` and reports a bad
+``polmctl.validate`` runs the semantic checks in ``check()`` and reports a bad
 value with its full key path. Every field carries a one-line help string in its metadata;
 ``polmctl show --help-keys`` is not needed: the help strings are the documentation.
 
-The ``method`` node depends on the objective, so it is typed per objective in
-``polmctl.objectives`` (see ``METHOD_SCHEMAS``) and validated by its ``objective`` key.
+The ``method`` node depends on the method, so it is typed per method by the registry
+(polmctl/methods/registry.py) and validated by its ``name`` key.
 """
 
 from __future__ import annotations
@@ -15,21 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
+from polmctl.errors import ConfigError
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+
+def option(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help string (mutable defaults go through a factory)."""
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
-
-
-class ConfigError(ValueError):
-    """A config value is wrong. ``key`` is the full dotted path of the offending key."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}")
 
 
 def one_of(section: str, name: str, value: Any, allowed: tuple) -> None:
@@ -45,10 +39,10 @@ def positive(section: str, name: str, value: float, *, zero_ok: bool = False) ->
 
 @dataclass
 class RecipeInfo:
-    name: str = _f("custom", "recipe name (the file name in conf/recipe/)")
-    paradigm: str = _f("fine-tuning", "fine-tuning | alignment | reasoning | efficiency | integration")
-    method: str = _f("", "the method's usual name, e.g. 'LoRA'")
-    summary: str = _f("", "one line that says what the recipe does")
+    name: str = option("custom", "recipe name (the file name in conf/recipe/)")
+    paradigm: str = option("fine-tuning", "fine-tuning | alignment | reasoning | efficiency | integration")
+    method: str = option("", "the method's usual name, e.g. 'LoRA'")
+    summary: str = option("", "one line that says what the recipe does")
 
     def check(self, section: str) -> None:
         one_of(section, "paradigm", self.paradigm, PARADIGMS)
@@ -59,19 +53,23 @@ PARADIGMS = ("fine-tuning", "alignment", "reasoning", "efficiency", "integration
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f(
+    name_or_path: str = option(
         "builtin:smollm2-135m",
         "builtin:<name> (smollm2-135m, tiny), a hub id, a local model dir or a run dir",
     )
-    dtype: str = _f("auto", "weights dtype: auto (bf16 on GPUs that support it, else fp32) | float32 | bfloat16 | float16")
-    quantization: str = _f("none", "load the base weights quantized with bitsandbytes: none | nf4 | fp4 | int8")
-    double_quant: bool = _f(True, "4-bit only: also quantize the quantization constants")
-    trust_remote_code: bool = _f(False, "allow a hub model's own Python code to run (off unless asked for)")
-    revision: Optional[str] = _f(None, "hub revision (branch, tag or commit)")
-    cache_dir: Optional[str] = _f(None, "where builtin models are materialised; default $POLMCTL_CACHE or ~/.cache/polmctl")
-    chat_template: Optional[str] = _f(None, "a Jinja chat template (or path to one) that replaces the model's own")
-    attn_implementation: Optional[str] = _f(None, "eager | sdpa | flash_attention_2; None lets transformers choose")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    dtype: str = option(
+        "auto", "weights dtype: auto (bf16 on GPUs that support it, else fp32) | float32 | bfloat16 | float16"
+    )
+    quantization: str = option("none", "load the base weights quantized with bitsandbytes: none | nf4 | fp4 | int8")
+    double_quant: bool = option(True, "4-bit only: also quantize the quantization constants")
+    trust_remote_code: bool = option(False, "allow a hub model's own Python code to run (off unless asked for)")
+    revision: Optional[str] = option(None, "hub revision (branch, tag or commit)")
+    cache_dir: Optional[str] = option(
+        None, "where builtin models are materialised; default $POLMCTL_CACHE or ~/.cache/polmctl"
+    )
+    chat_template: Optional[str] = option(None, "a Jinja chat template (or path to one) that replaces the model's own")
+    attn_implementation: Optional[str] = option(None, "eager | sdpa | flash_attention_2; None lets transformers choose")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
 
     def check(self, section: str) -> None:
         one_of(section, "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -82,24 +80,32 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _f("builtin:arithmetic", "builtin:<name>, a local .json/.jsonl/.csv/.parquet file, or a hub dataset name")
-    split: str = _f("train", "split to train on (builtin sets have train and test, which never overlap)")
-    eval_split: str = _f("test", "held-out split used by evaluation tasks that read this source")
-    max_rows: Optional[int] = _f(None, "use at most this many rows (None: all)")
-    format: str = _f(
+    source: str = option(
+        "builtin:arithmetic", "builtin:<name>, a local .json/.jsonl/.csv/.parquet file, or a hub dataset name"
+    )
+    split: str = option("train", "split to train on (builtin sets have train and test, which never overlap)")
+    eval_split: str = option("test", "held-out split used by evaluation tasks that read this source")
+    max_rows: Optional[int] = option(None, "use at most this many rows (None: all)")
+    format: str = option(
         "auto",
         "row format: auto (detected from the columns) | text | messages | prompt_completion",
     )
-    max_length: int = _f(512, "maximum tokens per row (prompt + completion)")
-    overlong: str = _f("truncate", "rows longer than max_length: truncate | drop | error")
-    bad_rows: str = _f("skip", "preference rows with chosen == rejected, an empty answer or no room for one: "
-                       "skip (counted and reported) | error")
-    completion_only_loss: bool = _f(True, "train only on completion / assistant tokens (False: on every token)")
-    packing: bool = _f(False, "padding-free packing: a micro-batch's rows as one sequence with per-row positions, each row "
-                                 "attending to itself only (models/packed_attention.py); the SFT recipes turn it on")
-    shuffle: bool = _f(True, "shuffle rows each epoch (seeded by the run seed)")
-    options: Dict[str, Any] = _f({}, "options for builtin generators, e.g. {n: 2000, max_operand: 50, ops: '+-*'}")
-    hub_config: Optional[str] = _f(None, "hub dataset config name (datasets.load_dataset's second argument)")
+    max_length: int = option(512, "maximum tokens per row (prompt + completion)")
+    overlong: str = option("truncate", "rows longer than max_length: truncate | drop | error")
+    bad_rows: str = option(
+        "skip",
+        "preference rows with chosen == rejected, an empty answer or no room for one: "
+        "skip (counted and reported) | error",
+    )
+    completion_only_loss: bool = option(True, "train only on completion / assistant tokens (False: on every token)")
+    packing: bool = option(
+        False,
+        "padding-free packing: a micro-batch's rows as one sequence with per-row positions, each row "
+        "attending to itself only (models/packed_attention.py); the SFT recipes turn it on",
+    )
+    shuffle: bool = option(True, "shuffle rows each epoch (seeded by the run seed)")
+    options: Dict[str, Any] = option({}, "options for builtin generators, e.g. {n: 2000, max_operand: 50, ops: '+-*'}")
+    hub_config: Optional[str] = option(None, "hub dataset config name (datasets.load_dataset's second argument)")
 
     def check(self, section: str) -> None:
         one_of(section, "format", self.format, ("auto", "text", "messages", "prompt_completion"))
@@ -112,15 +118,15 @@ class DataConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = _f("none", "adapter type: none (full fine-tuning) | lora | dora | prompt_tuning | prefix_tuning")
-    r: int = _f(16, "lora/dora: rank of the update")
-    alpha: int = _f(32, "lora/dora: scaling numerator (the update is scaled by alpha / r)")
-    dropout: float = _f(0.05, "lora/dora: dropout on the adapter input")
-    target_modules: List[str] = _f(["all-linear"], "lora/dora: module names to adapt, or ['all-linear']")
-    use_rslora: bool = _f(False, "lora/dora: scale by alpha / sqrt(r) (rank-stabilised LoRA)")
-    num_virtual_tokens: int = _f(20, "prompt/prefix tuning: number of virtual tokens")
-    prompt_init_text: Optional[str] = _f(None, "prompt tuning: initialise the virtual tokens from this text")
-    merge_on_save: bool = _f(False, "write final/ with the adapters merged into the base weights")
+    method: str = option("none", "adapter type: none (full fine-tuning) | lora | dora | prompt_tuning | prefix_tuning")
+    r: int = option(16, "lora/dora: rank of the update")
+    alpha: int = option(32, "lora/dora: scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = option(0.05, "lora/dora: dropout on the adapter input")
+    target_modules: List[str] = option(["all-linear"], "lora/dora: module names to adapt, or ['all-linear']")
+    use_rslora: bool = option(False, "lora/dora: scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    num_virtual_tokens: int = option(20, "prompt/prefix tuning: number of virtual tokens")
+    prompt_init_text: Optional[str] = option(None, "prompt tuning: initialise the virtual tokens from this text")
+    merge_on_save: bool = option(False, "write final/ with the adapters merged into the base weights")
 
     def check(self, section: str) -> None:
         one_of(section, "method", self.method, ("none", "lora", "dora", "prompt_tuning", "prefix_tuning"))
@@ -137,26 +143,32 @@ class PeftConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = _f(100, "optimizer steps to run (a step = micro_batch_size x grad_accum x processes rows)")
-    micro_batch_size: int = _f(8, "rows per forward/backward pass")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    lr: float = _f(2e-4, "peak learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)")
-    betas: List[float] = _f([0.9, 0.999], "AdamW betas")
-    optimizer: str = _f("adamw", "adamw | adamw_8bit (bitsandbytes) | sgd")
-    scheduler: str = _f("cosine", "learning-rate schedule after warmup: constant | linear | cosine")
-    warmup_steps: int = _f(0, "linear warmup steps (overrides warmup_ratio when > 0)")
-    warmup_ratio: float = _f(0.05, "warmup as a fraction of max_steps")
-    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
-    keep_sparsity: bool = _f(False, "fine-tuning a pruned model: weights that start at least 10% zeros keep their "
-                                    "zeros (re-applied after every optimizer step and on a merged save)")
-    mixed_precision: str = _f("no", "autocast for compute: no | bf16 | fp16 (via accelerate)")
-    log_every: int = _f(1, "write a metrics line every N steps")
-    save_every: int = _f(0, "write checkpoints/step-N every N steps (0: only final/)")
-    keep_last: int = _f(2, "checkpoints to keep (older ones are deleted)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
-    auto_batch: bool = _f(False, "on an out-of-memory error, halve the micro-batch and double the accumulation "
-                                 "(same global batch) and retry the step; one process, offline methods")
+    max_steps: int = option(100, "optimizer steps to run (a step = micro_batch_size x grad_accum x processes rows)")
+    micro_batch_size: int = option(8, "rows per forward/backward pass")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms)")
+    betas: List[float] = option([0.9, 0.999], "AdamW betas")
+    optimizer: str = option("adamw", "adamw | adamw_8bit (bitsandbytes) | sgd")
+    scheduler: str = option("cosine", "learning-rate schedule after warmup: constant | linear | cosine")
+    warmup_steps: int = option(0, "linear warmup steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = option(0.05, "warmup as a fraction of max_steps")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    keep_sparsity: bool = option(
+        False,
+        "fine-tuning a pruned model: weights that start at least 10% zeros keep their "
+        "zeros (re-applied after every optimizer step and on a merged save)",
+    )
+    mixed_precision: str = option("no", "autocast for compute: no | bf16 | fp16 (via accelerate)")
+    log_every: int = option(1, "write a metrics line every N steps")
+    save_every: int = option(0, "write checkpoints/step-N every N steps (0: only final/)")
+    keep_last: int = option(2, "checkpoints to keep (older ones are deleted)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
+    auto_batch: bool = option(
+        False,
+        "on an out-of-memory error, halve the micro-batch and double the accumulation "
+        "(same global batch) and retry the step; one process, offline methods",
+    )
 
     def check(self, section: str) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "keep_last"):
@@ -175,9 +187,9 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    trackers: List[str] = _f([], "extra trackers through accelerate: tensorboard | wandb | mlflow")
-    project: str = _f("polmctl", "project / experiment name given to the trackers")
-    progress: bool = _f(True, "show a rich progress bar with the live loss")
+    trackers: List[str] = option([], "extra trackers through accelerate: tensorboard | wandb | mlflow")
+    project: str = option("polmctl", "project / experiment name given to the trackers")
+    progress: bool = option(True, "show a rich progress bar with the live loss")
 
     def check(self, section: str) -> None:
         for i, t in enumerate(self.trackers):
@@ -186,19 +198,19 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: List[str] = _f(["arithmetic"], "evaluation tasks: arithmetic | reversal (exact match) | perplexity | preference | reward (reward models)")
-    before: bool = _f(True, "also evaluate the starting model, so the summary shows before and after")
-    max_samples: int = _f(100, "held-out rows per task")
-    batch_size: int = _f(16, "rows per generation / scoring batch")
-    max_new_tokens: int = _f(48, "generation budget for exact-match tasks")
-    source: Optional[str] = _f(None, "held-out source for the tasks; None: each task's builtin set")
+    tasks: List[str] = option(
+        ["arithmetic"],
+        "evaluation tasks: arithmetic | reversal (exact match) | perplexity | preference | reward (reward models)",
+    )
+    before: bool = option(True, "also evaluate the starting model, so the summary shows before and after")
+    max_samples: int = option(100, "held-out rows per task")
+    batch_size: int = option(16, "rows per generation / scoring batch")
+    max_new_tokens: int = option(48, "generation budget for exact-match tasks")
+    source: Optional[str] = option(None, "held-out source for the tasks; None: each task's builtin set")
 
     def check(self, section: str) -> None:
         for i, t in enumerate(self.tasks):
-            if t.startswith("lm_eval:"):  # an lm-evaluation-harness task (polmctl.evals.lm_eval)
-                from polmctl.evals.lm_eval import check_lm_eval_task
-
-                check_lm_eval_task(t, f"{section}.tasks[{i}]")
+            if t.startswith("lm_eval:"):  # an lm-evaluation-harness task: validate() checks it (polmctl.evals.lm_eval)
                 continue
             one_of(section, f"tasks[{i}]", t, ("arithmetic", "reversal", "perplexity", "preference", "reward"))
         positive(section, "max_samples", self.max_samples)
@@ -208,9 +220,12 @@ class EvalConfig:
 
 @dataclass
 class SweepConfig:
-    metric: str = _f("final_loss", "dotted path in summary.json that a sweep reports and hydra/sweeper=optuna optimises, "
-                                   "e.g. eval.after.arithmetic.accuracy")
-    direction: str = _f("minimize", "minimize | maximize: which end of sweep.metric is best")
+    metric: str = option(
+        "final_loss",
+        "dotted path in summary.json that a sweep reports and hydra/sweeper=optuna optimises, "
+        "e.g. eval.after.arithmetic.accuracy",
+    )
+    direction: str = option("minimize", "minimize | maximize: which end of sweep.metric is best")
 
     def check(self, section: str) -> None:
         one_of(section, "direction", self.direction, ("minimize", "maximize"))
@@ -220,30 +235,36 @@ class SweepConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = _f("none", "none (this process) | accelerate (re-run under `accelerate launch`: DDP, FSDP, DeepSpeed)")
-    num_processes: Optional[int] = _f(None, "processes to start; None: the config file's count, else one per GPU, "
-                                            "else 1")
-    config_file: Optional[str] = _f(None, "an accelerate config YAML, e.g. a file from polmctl/conf/accelerate/ "
-                                          "(ddp | fsdp | deepspeed_zero2 | deepspeed_zero3, by name or path)")
-    main_process_port: Optional[int] = _f(None, "rendezvous port of rank 0 (None: accelerate's default, 29500)")
+    name: str = option(
+        "none", "none (this process) | accelerate (re-run under `accelerate launch`: DDP, FSDP, DeepSpeed)"
+    )
+    num_processes: Optional[int] = option(
+        None, "processes to start; None: the config file's count, else one per GPU, else 1"
+    )
+    config_file: Optional[str] = option(
+        None,
+        "an accelerate config YAML, e.g. a file from polmctl/conf/accelerate/ "
+        "(ddp | fsdp | deepspeed_zero2 | deepspeed_zero3, by name or path)",
+    )
+    main_process_port: Optional[int] = option(None, "rendezvous port of rank 0 (None: accelerate's default, 29500)")
 
     def check(self, section: str) -> None:
         one_of(section, "name", self.name, ("none", "accelerate"))
         if self.num_processes is not None:
             positive(section, "num_processes", self.num_processes)
         if self.name == "none" and (self.num_processes or self.config_file):
-            raise ConfigError(f"{section}.name", "is none, so num_processes / config_file would be ignored; "
-                                                 "add launcher=accelerate")
+            raise ConfigError(
+                f"{section}.name", "is none, so num_processes / config_file would be ignored; add launcher=accelerate"
+            )
 
 
 @dataclass
 class RunConfig:
     """The whole composed config of one run."""
 
-    runner: str = _f("train", "which runner executes the run (see polmctl.runners.RUNNERS)")
-    seed: int = _f(42, "seed for model init, data order, dropout and sampling")
-    resume: Optional[str] = _f(None, "auto (latest checkpoint in this run dir) or a checkpoint path")
-    output_dir: str = _f("${hydra:runtime.output_dir}", "where the run writes (Hydra's run dir)")
+    seed: int = option(42, "seed for model init, data order, dropout and sampling")
+    resume: Optional[str] = option(None, "auto (latest checkpoint in this run dir) or a checkpoint path")
+    output_dir: str = option("${hydra:runtime.output_dir}", "where the run writes (Hydra's run dir)")
     recipe: RecipeInfo = field(default_factory=RecipeInfo)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -253,11 +274,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    # Typed per objective (polmctl.objectives.METHOD_SCHEMAS); checked by validate().
-    method: Any = field(default_factory=lambda: {"objective": "sft"}, metadata={"help": "the method's own knobs"})
+    # Typed per method (polmctl/methods/registry.py); checked by validate().
+    method: Any = field(default_factory=lambda: {"name": "sft"}, metadata={"help": "the method's own knobs"})
 
 
-SECTIONS = tuple(f.name for f in fields(RunConfig) if f.name not in ("runner", "seed", "resume", "output_dir", "method"))
+SECTIONS = tuple(f.name for f in fields(RunConfig) if f.name not in ("seed", "resume", "output_dir", "method"))
 
 
 def help_for(cls: type) -> Dict[str, str]:

@@ -3,10 +3,20 @@ loss masks, and collators."""
 
 from polmctl.data.builtin import BUILTIN_SOURCES, extract_answer
 from polmctl.data.collate import pack_collate, pad_collate
-from polmctl.data.errors import DataError
 from polmctl.data.formats import detect_format, format_completion, format_prompt
 from polmctl.data.sources import load_rows
 from polmctl.data.tokenize import EncodeStats, encode_dataset, encode_row
 
-__all__ = ["BUILTIN_SOURCES", "DataError", "EncodeStats", "detect_format", "encode_dataset", "encode_row",
-           "extract_answer", "format_completion", "format_prompt", "load_rows", "pack_collate", "pad_collate"]
+__all__ = [
+    "BUILTIN_SOURCES",
+    "EncodeStats",
+    "detect_format",
+    "encode_dataset",
+    "encode_row",
+    "extract_answer",
+    "format_completion",
+    "format_prompt",
+    "load_rows",
+    "pack_collate",
+    "pad_collate",
+]

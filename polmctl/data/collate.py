@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from polmctl.losses import IGNORE_INDEX
 
 
 def _check(examples: list[dict]) -> None:
@@ -22,8 +22,10 @@ def _check(examples: list[dict]) -> None:
         raise ValueError("cannot collate an empty list of examples")
     for i, e in enumerate(examples):
         if not e["input_ids"] or len(e["input_ids"]) != len(e["labels"]):
-            raise ValueError(f"example {i}: input_ids and labels must be non-empty and of equal length, "
-                             f"got {len(e['input_ids'])} and {len(e['labels'])}")
+            raise ValueError(
+                f"example {i}: input_ids and labels must be non-empty and of equal length, "
+                f"got {len(e['input_ids'])} and {len(e['labels'])}"
+            )
 
 
 def pad_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

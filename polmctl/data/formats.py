@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from polmctl.data.errors import DataError
+from polmctl.errors import DataError
 
 # Checked in order: the first column set a row has decides its format.
 FORMATS = {
@@ -36,15 +36,19 @@ def detect_format(row: dict, source: str) -> str:
         if all(c in row for c in columns):
             return name
     accepted = "; ".join("{" + ", ".join(c) + "}" for c in FORMATS.values())
-    raise DataError(f"{source}: row 0 has columns {sorted(row)}, which match no known format; "
-                    f"accepted column sets: {accepted}. Rename the columns or convert the file")
+    raise DataError(
+        f"{source}: row 0 has columns {sorted(row)}, which match no known format; "
+        f"accepted column sets: {accepted}. Rename the columns or convert the file"
+    )
 
 
 def check_messages(messages: Any, where: str) -> None:
     """A non-empty list of {role, content} dicts with known roles and text content."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages, "
-                        f"got {type(messages).__name__} {messages!r:.60}")
+        raise DataError(
+            f"{where}: expected a non-empty list of {{role, content}} messages, "
+            f"got {type(messages).__name__} {messages!r:.60}"
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DataError(f"{where}: message {i} needs 'role' and 'content' keys, got {m!r:.80}")
@@ -64,14 +68,18 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as err:  # jinja raises TemplateError / raise_exception(...) for rows a template refuses
-        raise DataError(f"{where}: the chat template cannot render these messages ({type(err).__name__}: "
-                        f"{err}); check the roles and their order, or set model.chat_template") from None
+        raise DataError(
+            f"{where}: the chat template cannot render these messages ({type(err).__name__}: "
+            f"{err}); check the roles and their order, or set model.chat_template"
+        ) from None
 
 
 def _check_template(tokenizer, what: str, where: str) -> None:
     if not tokenizer.chat_template:
-        raise DataError(f"{where}: {what} needs a chat template, and the tokenizer has none; "
-                        "set model.chat_template or use string prompts and completions")
+        raise DataError(
+            f"{where}: {what} needs a chat template, and the tokenizer has none; "
+            "set model.chat_template or use string prompts and completions"
+        )
 
 
 def format_prompt(prompt: Any, tokenizer, *, where: str = "prompt") -> str:
@@ -99,9 +107,11 @@ def format_completion(prompt: Any, completion: Any, tokenizer, *, where: str = "
     prompt_messages = _as_messages(prompt, "user", where)
     full = _render(tokenizer, prompt_messages + _as_messages(completion, "assistant", where), False, where)
     if not full.startswith(prompt_text):
-        raise DataError(f"{where}: the chat template renders the prompt differently once an answer follows it, "
-                        "so the completion cannot be separated; set model.chat_template to a prefix-stable template")
-    return full[len(prompt_text):]
+        raise DataError(
+            f"{where}: the chat template renders the prompt differently once an answer follows it, "
+            "so the completion cannot be separated; set model.chat_template to a prefix-stable template"
+        )
+    return full[len(prompt_text) :]
 
 
 def conversation_segments(messages: Any, tokenizer, where: str) -> list[tuple[str, bool]]:
@@ -114,11 +124,12 @@ def conversation_segments(messages: Any, tokenizer, where: str) -> list[tuple[st
     check_messages(messages, where)
     _check_template(tokenizer, "a conversational row", where)
     if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message must be the assistant's (it is {messages[-1]['role']!r}); "
-                        "drop the trailing messages or add the answer")
+        raise DataError(
+            f"{where}: the last message must be the assistant's (it is {messages[-1]['role']!r}); "
+            "drop the trailing messages or add the answer"
+        )
     if messages[0]["role"] == "assistant":
-        raise DataError(f"{where}: message 0 is the assistant's; a conversation starts with a user "
-                        "(or system) message")
+        raise DataError(f"{where}: message 0 is the assistant's; a conversation starts with a user (or system) message")
     segments, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -126,10 +137,12 @@ def conversation_segments(messages: Any, tokenizer, where: str) -> list[tuple[st
         prompt_text = _render(tokenizer, messages[:i], True, where)
         full = _render(tokenizer, messages[: i + 1], False, where)
         if not prompt_text.startswith(done) or not full.startswith(prompt_text):
-            raise DataError(f"{where}: the chat template is not prefix-stable at message {i}, so assistant "
-                            "turns cannot be masked; set model.chat_template to a template that is")
+            raise DataError(
+                f"{where}: the chat template is not prefix-stable at message {i}, so assistant "
+                "turns cannot be masked; set model.chat_template to a template that is"
+            )
         if len(prompt_text) > len(done):
-            segments.append((prompt_text[len(done):], False))
-        segments.append((full[len(prompt_text):], True))
+            segments.append((prompt_text[len(done) :], False))
+        segments.append((full[len(prompt_text) :], True))
         done = full
     return segments

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from polmctl.data.errors import DataError
 from polmctl.data.formats import detect_format, format_completion, format_prompt
-
-IGNORE_INDEX = -100
+from polmctl.errors import DataError
+from polmctl.losses import IGNORE_INDEX
 
 
 @dataclass
@@ -53,20 +52,38 @@ def _answer_ids(prompt, answer, tokenizer, room: int, where: str) -> tuple[list[
     return ids[:room], len(ids) > room
 
 
-ROW_SHAPES = {"preference": "paired rows {prompt, chosen, rejected}", "unpaired": "unpaired rows {prompt, completion, label}"}
+ROW_SHAPES = {
+    "preference": "paired rows {prompt, chosen, rejected}",
+    "unpaired": "unpaired rows {prompt, completion, label}",
+}
 
 
-def encode_preference_rows(rows: list[dict], tokenizer, data, *, recipe: str,
-                           fmt: str = "preference") -> tuple[list[dict], PreferenceStats]:
+def encode_preference_rows(
+    rows: list[dict], tokenizer, data, *, recipe: str, fmt: str = "preference"
+) -> tuple[list[dict], PreferenceStats]:
     """``encode_preference_dataset`` with the ``data`` config's limits, for a training
     recipe that takes only ``fmt`` rows (paired ``preference`` or ``unpaired``)."""
-    return encode_preference_dataset(rows, tokenizer, source=data.source, max_length=data.max_length,
-                                     overlong=data.overlong, bad_rows=data.bad_rows, require=(recipe, fmt))
+    return encode_preference_dataset(
+        rows,
+        tokenizer,
+        source=data.source,
+        max_length=data.max_length,
+        overlong=data.overlong,
+        bad_rows=data.bad_rows,
+        require=(recipe, fmt),
+    )
 
 
-def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_length: int = 512,
-                              overlong: str = "truncate", bad_rows: str = "skip",
-                              require: tuple[str, str] | None = None) -> tuple[list[dict], PreferenceStats]:
+def encode_preference_dataset(
+    rows: list[dict],
+    tokenizer,
+    *,
+    source: str,
+    max_length: int = 512,
+    overlong: str = "truncate",
+    bad_rows: str = "skip",
+    require: tuple[str, str] | None = None,
+) -> tuple[list[dict], PreferenceStats]:
     """Encoded rows: {"prompt_ids", "chosen_ids", "rejected_ids"} (paired, plus "margin" where
     the row has one) or {"prompt_ids", "completion_ids", "label"} (unpaired), ids without padding.
     ``require=(recipe, fmt)`` refuses rows of the other format, naming the recipe."""
@@ -75,12 +92,15 @@ def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_l
     fmt = detect_format(rows[0], source)
     answers = {"preference": ("chosen", "rejected"), "unpaired": ("completion",)}.get(fmt)
     if answers is None:
-        raise DataError(f"{source}: rows have the {fmt!r} format; a preference recipe needs "
-                        "{prompt, chosen, rejected} or {prompt, completion, label} rows")
+        raise DataError(
+            f"{source}: rows have the {fmt!r} format; a preference recipe needs "
+            "{prompt, chosen, rejected} or {prompt, completion, label} rows"
+        )
     if require and fmt != require[1]:  # (recipe, the one format it takes)
         other = "recipe=kto" if fmt == "unpaired" else "recipe=dpo (or another pairwise recipe)"
-        raise DataError(f"{source}: {require[0]} needs {ROW_SHAPES[require[1]]}, not {ROW_SHAPES[fmt]}; "
-                        f"those train with {other}")
+        raise DataError(
+            f"{source}: {require[0]} needs {ROW_SHAPES[require[1]]}, not {ROW_SHAPES[fmt]}; those train with {other}"
+        )
     stats, examples = PreferenceStats(rows=len(rows)), []
     for i, row in enumerate(rows):
         where = f"{source}: row {i}"
@@ -97,13 +117,16 @@ def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_l
                 raise DataError(f"{where}: chosen equals rejected, so the pair teaches nothing; remove the row")
             stats.skip(i, "identical")
             continue
-        prompt_ids = tokenizer(format_prompt(row["prompt"], tokenizer, where=f"{where}, column 'prompt'"),
-                               add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(
+            format_prompt(row["prompt"], tokenizer, where=f"{where}, column 'prompt'"), add_special_tokens=False
+        )["input_ids"]
         room = max_length - len(prompt_ids)
         if room < 1:
             if overlong == "error" or bad_rows == "error":
-                raise DataError(f"{where}: the prompt alone has {len(prompt_ids)} tokens, more than "
-                                f"data.max_length={max_length}; raise it or shorten the prompt")
+                raise DataError(
+                    f"{where}: the prompt alone has {len(prompt_ids)} tokens, more than "
+                    f"data.max_length={max_length}; raise it or shorten the prompt"
+                )
             stats.skip(i, "too_long")
             continue
         example: dict = {"prompt_ids": prompt_ids}
@@ -114,8 +137,9 @@ def encode_preference_dataset(rows: list[dict], tokenizer, *, source: str, max_l
             cut |= truncated
         if cut and overlong != "truncate":
             if overlong == "error":
-                raise DataError(f"{where} is longer than data.max_length={max_length}; raise it or set "
-                                "data.overlong=truncate|drop")
+                raise DataError(
+                    f"{where} is longer than data.max_length={max_length}; raise it or set data.overlong=truncate|drop"
+                )
             stats.skip(i, "too_long")
             continue
         if fmt == "preference" and example["chosen_ids"] == example["rejected_ids"]:

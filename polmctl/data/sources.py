@@ -16,13 +16,19 @@ import json
 from pathlib import Path
 
 from polmctl.data.builtin import BUILTIN_SOURCES
-from polmctl.data.errors import DataError
+from polmctl.errors import DataError
 
 FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
 
 
-def load_rows(source: str, split: str = "train", *, max_rows: int | None = None, options: dict | None = None,
-              hub_config: str | None = None) -> list[dict]:
+def load_rows(
+    source: str,
+    split: str = "train",
+    *,
+    max_rows: int | None = None,
+    options: dict | None = None,
+    hub_config: str | None = None,
+) -> list[dict]:
     """The rows of ``source``'s ``split``, at most ``max_rows`` of them (the first ones).
 
     ``options`` go to a builtin generator (e.g. ``{"n": 500, "seed": 1}``);
@@ -45,14 +51,16 @@ def load_rows(source: str, split: str = "train", *, max_rows: int | None = None,
 
 def _builtin(name: str, split: str, options: dict) -> list[dict]:
     if name not in BUILTIN_SOURCES:
-        raise DataError(f"unknown data source builtin:{name}; builtin sources: "
-                        f"{', '.join('builtin:' + n for n in BUILTIN_SOURCES)}")
+        raise DataError(
+            f"unknown data source builtin:{name}; builtin sources: {', '.join('builtin:' + n for n in BUILTIN_SOURCES)}"
+        )
     generator = BUILTIN_SOURCES[name]
     valid = [p for p in inspect.signature(generator).parameters if p != "split"]
     for key in options:
         if key not in valid:
-            raise DataError(f"builtin:{name} has no option {key!r} (data.options.{key}); "
-                            f"its options: {', '.join(valid)}")
+            raise DataError(
+                f"builtin:{name} has no option {key!r} (data.options.{key}); its options: {', '.join(valid)}"
+            )
     return generator(split, **options)
 
 
@@ -64,8 +72,10 @@ def _local(path: Path, split: str) -> list[dict]:
     if suffix not in FILE_TYPES:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_TYPES)}")
     if split != "train":
-        raise DataError(f"{path} is a single file, so it has only the 'train' split, not {split!r}; point the "
-                        "evaluation at a held-out file with eval.source=<file>")
+        raise DataError(
+            f"{path} is a single file, so it has only the 'train' split, not {split!r}; point the "
+            "evaluation at a held-out file with eval.source=<file>"
+        )
     if suffix == ".csv":
         return _csv_rows(path)
     if suffix == ".parquet":
@@ -82,9 +92,11 @@ def _csv_rows(path: Path) -> list[dict]:
             for i, row in enumerate(reader):
                 # DictReader files surplus cells under None and fills missing ones with None.
                 if None in row or None in row.values():
-                    raise DataError(f"{path}: row {i} (line {reader.line_num}) does not have the "
-                                    f"{len(reader.fieldnames or [])} cells its header names; quote cells "
-                                    "that contain commas")
+                    raise DataError(
+                        f"{path}: row {i} (line {reader.line_num}) does not have the "
+                        f"{len(reader.fieldnames or [])} cells its header names; quote cells "
+                        "that contain commas"
+                    )
                 rows.append(row)
     except (csv.Error, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot be read as UTF-8 CSV ({err})") from None
@@ -119,8 +131,10 @@ def _json_rows(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {lineno} (row {len(rows)}) is not valid JSON ({err.msg}); "
-                                "write one JSON object per line, or a .json file with a list of objects") from None
+                raise DataError(
+                    f"{path}: line {lineno} (row {len(rows)}) is not valid JSON ({err.msg}); "
+                    "write one JSON object per line, or a .json file with a list of objects"
+                ) from None
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i} is a JSON {type(row).__name__}, not an object with named columns")
@@ -134,9 +148,11 @@ def _hub(name: str, split: str, config: str | None, max_rows: int | None) -> lis
         dataset = load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown id, bad split or config: datasets raises many types
         detail = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
-        raise DataError(f"cannot load hub dataset {name!r} (config {config!r}, split {split!r}): {detail}. The hub "
-                        "may be unreachable or the name, config or split wrong; use a local "
-                        ".json/.jsonl/.csv/.parquet file or a builtin:<name> source") from None
+        raise DataError(
+            f"cannot load hub dataset {name!r} (config {config!r}, split {split!r}): {detail}. The hub "
+            "may be unreachable or the name, config or split wrong; use a local "
+            ".json/.jsonl/.csv/.parquet file or a builtin:<name> source"
+        ) from None
     if max_rows is not None and len(dataset) > max_rows:
         dataset = dataset.select(range(max_rows))
     return [dict(row) for row in dataset]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from polmctl.data.errors import DataError
 from polmctl.data.formats import conversation_segments, detect_format, format_completion, format_prompt
+from polmctl.errors import DataError
+from polmctl.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 SUPERVISED = ("text", "messages", "prompt_completion")
 OVERLONG = ("truncate", "drop", "error")
 
@@ -54,8 +54,10 @@ def _text_column(row: dict, column: str, where: str) -> None:
 def row_segments(row: dict, fmt: str, tokenizer, where: str) -> list[tuple[str, bool]]:
     """(text, trained) pieces of one row in format ``fmt``."""
     if fmt not in SUPERVISED:
-        raise DataError(f"{where}: format {fmt!r} cannot be trained with a token-level loss; supervised formats: "
-                        f"{', '.join(SUPERVISED)} (preference rows need a preference objective)")
+        raise DataError(
+            f"{where}: format {fmt!r} cannot be trained with a token-level loss; supervised formats: "
+            f"{', '.join(SUPERVISED)} (preference rows need a preference objective)"
+        )
     if not isinstance(row, dict):
         raise DataError(f"{where} is a {type(row).__name__}, not a row with named columns")
     if fmt == "text":
@@ -68,12 +70,15 @@ def row_segments(row: dict, fmt: str, tokenizer, where: str) -> list[tuple[str, 
     for column in ("prompt", "completion"):
         _text_column(row, column, where)
     prompt, completion = row["prompt"], row["completion"]
-    return [(format_prompt(prompt, tokenizer, where=f"{where}, column 'prompt'"), False),
-            (format_completion(prompt, completion, tokenizer, where=f"{where}, column 'completion'"), True)]
+    return [
+        (format_prompt(prompt, tokenizer, where=f"{where}, column 'prompt'"), False),
+        (format_completion(prompt, completion, tokenizer, where=f"{where}, column 'completion'"), True),
+    ]
 
 
-def _encode(row: dict, fmt: str, tokenizer, *, max_length: int, completion_only_loss: bool, overlong: str,
-            where: str) -> tuple[dict | None, str]:
+def _encode(
+    row: dict, fmt: str, tokenizer, *, max_length: int, completion_only_loss: bool, overlong: str, where: str
+) -> tuple[dict | None, str]:
     """(example or None, what happened: "kept" | "truncated" | "dropped")."""
     if overlong not in OVERLONG:
         raise DataError(f"data.overlong={overlong!r}; use one of {', '.join(OVERLONG)}")
@@ -89,8 +94,10 @@ def _encode(row: dict, fmt: str, tokenizer, *, max_length: int, completion_only_
     status = "kept"
     if len(input_ids) > max_length:
         if overlong == "error":
-            raise DataError(f"{where} has {len(input_ids)} tokens, more than data.max_length={max_length}; "
-                            "raise data.max_length or set data.overlong=truncate|drop")
+            raise DataError(
+                f"{where} has {len(input_ids)} tokens, more than data.max_length={max_length}; "
+                "raise data.max_length or set data.overlong=truncate|drop"
+            )
         if overlong == "drop" or (prompt_len or 0) >= max_length:
             return None, "dropped"
         input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
@@ -100,16 +107,39 @@ def _encode(row: dict, fmt: str, tokenizer, *, max_length: int, completion_only_
     return {"input_ids": input_ids, "labels": labels}, status
 
 
-def encode_row(row: dict, fmt: str, tokenizer, *, max_length: int, completion_only_loss: bool = True,
-               overlong: str = "truncate", where: str = "row") -> dict | None:
+def encode_row(
+    row: dict,
+    fmt: str,
+    tokenizer,
+    *,
+    max_length: int,
+    completion_only_loss: bool = True,
+    overlong: str = "truncate",
+    where: str = "row",
+) -> dict | None:
     """``{"input_ids", "labels"}`` for one row, or None if the over-length policy (or a
     row with nothing left to train) drops it. ``where`` prefixes error messages."""
-    return _encode(row, fmt, tokenizer, max_length=max_length, completion_only_loss=completion_only_loss,
-                   overlong=overlong, where=where)[0]
+    return _encode(
+        row,
+        fmt,
+        tokenizer,
+        max_length=max_length,
+        completion_only_loss=completion_only_loss,
+        overlong=overlong,
+        where=where,
+    )[0]
 
 
-def encode_dataset(rows: list[dict], tokenizer, *, source: str, fmt: str = "auto", max_length: int = 512,
-                   completion_only_loss: bool = True, overlong: str = "truncate") -> tuple[list[dict], EncodeStats]:
+def encode_dataset(
+    rows: list[dict],
+    tokenizer,
+    *,
+    source: str,
+    fmt: str = "auto",
+    max_length: int = 512,
+    completion_only_loss: bool = True,
+    overlong: str = "truncate",
+) -> tuple[list[dict], EncodeStats]:
     """Encode every row of ``source``; ``fmt="auto"`` detects the format from row 0."""
     if not rows:
         raise DataError(f"{source}: no rows to encode")
@@ -119,8 +149,15 @@ def encode_dataset(rows: list[dict], tokenizer, *, source: str, fmt: str = "auto
     stats = EncodeStats(rows=len(rows))
     examples = []
     for i, row in enumerate(rows):
-        example, status = _encode(row, fmt, tokenizer, max_length=max_length, overlong=overlong,
-                                  completion_only_loss=completion_only_loss, where=f"{source}: row {i}")
+        example, status = _encode(
+            row,
+            fmt,
+            tokenizer,
+            max_length=max_length,
+            overlong=overlong,
+            completion_only_loss=completion_only_loss,
+            where=f"{source}: row {i}",
+        )
         if example is None:
             stats.dropped += 1
             if stats.first_dropped_index is None:
@@ -132,6 +169,8 @@ def encode_dataset(rows: list[dict], tokenizer, *, source: str, fmt: str = "auto
         stats.tokens += len(example["input_ids"])
         stats.trainable_tokens += sum(label != IGNORE_INDEX for label in example["labels"][1:])
     if not examples:
-        raise DataError(f"{source}: every row was dropped ({stats.summary()}); raise data.max_length "
-                        f"(now {max_length}) or check that rows have a completion to train on")
+        raise DataError(
+            f"{source}: every row was dropped ({stats.summary()}); raise data.max_length "
+            f"(now {max_length}) or check that rows have a completion to train on"
+        )
     return examples, stats

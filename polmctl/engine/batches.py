@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from polmctl.data.errors import DataError
+from polmctl.errors import DataError
 
 
 class BatchSampler:
-    def __init__(self, n_rows: int, micro_batch_size: int, *, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, n_rows: int, micro_batch_size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ):
         self.global_batch = micro_batch_size * world_size
         if n_rows < self.global_batch:
             raise DataError(
@@ -63,10 +64,48 @@ class BatchSampler:
         self._order = self._epoch_order()
 
 
-class OfflineBatches:
+class BatchSource:
+    """Where the trainer takes each optimizer step's micro-batches from.
+
+    ``next_step(model)`` returns the step's micro-batches and any metrics their making produced
+    (an online method's rollout: rewards, timing). The data position is ``sampler`` plus the
+    attributes named in ``counters`` (rollouts or rounds done), saved in every checkpoint and
+    restored on resume; a resumed online method starts a fresh rollout where its prompts left off.
+    """
+
+    sampler: BatchSampler
+    counters: tuple[str, ...] = ()
+    micro_batch_size: int
+
+    def next_step(self, model) -> tuple[list[dict], dict[str, float]]:
+        raise NotImplementedError
+
+    def halve_micro_batch(self) -> list[dict]:
+        """trainer.auto_batch after an out-of-memory error: this step's rows again in micro-batches
+        half as large. Only sources whose rows are fixed examples can do it."""
+        raise ValueError(f"{type(self).__name__} cannot re-split a step's batches")
+
+    @property
+    def can_halve(self) -> bool:
+        return type(self).halve_micro_batch is not BatchSource.halve_micro_batch
+
+    @property
+    def progress_epochs(self) -> float:
+        return self.sampler.progress_epochs
+
+    def state_dict(self) -> dict:
+        return {**self.sampler.state_dict(), **{name: getattr(self, name) for name in self.counters}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        for name in self.counters:
+            setattr(self, name, state.get(name, 0))
+
+
+class OfflineBatches(BatchSource):
     """A fixed, encoded dataset served in seeded epochs: each step, ``grad_accum`` collated
-    micro-batches. Online methods give the trainer another source with the same methods
-    (see polmctl/rollout/online.py), which makes its batches by sampling the model."""
+    micro-batches. Online methods give the trainer their own BatchSource, which makes its
+    batches by sampling the model."""
 
     def __init__(self, examples, collate, micro_batch_size: int, grad_accum: int, **sampler_options):
         self.examples, self.collate, self.grad_accum = examples, collate, grad_accum
@@ -81,8 +120,8 @@ class OfflineBatches:
         return self._collate_step(), {}
 
     def halve_micro_batch(self) -> list[dict]:
-        """trainer.auto_batch after an out-of-memory error: the same step's rows again, in
-        micro-batches half as large (twice as many), so the global batch is unchanged."""
+        """The same step's rows again, in micro-batches half as large (twice as many), so the
+        global batch is unchanged."""
         if self.micro_batch_size == 1:
             raise ValueError("a micro-batch of one row does not fit in memory")
         self.micro_batch_size = (self.micro_batch_size + 1) // 2
@@ -91,13 +130,3 @@ class OfflineBatches:
     def _collate_step(self) -> list[dict]:
         rows, size = self._step_rows, self.micro_batch_size
         return [self.collate([self.examples[i] for i in rows[s : s + size]]) for s in range(0, len(rows), size)]
-
-    @property
-    def progress_epochs(self) -> float:
-        return self.sampler.progress_epochs
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)

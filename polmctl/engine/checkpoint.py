@@ -45,8 +45,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int,
-                    tokenizer: Any = None) -> Path:
+def save_checkpoint(
+    ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int, tokenizer: Any = None
+) -> Path:
     """Write ``ckpt_root/step-<step>`` atomically, then delete all but the newest ``keep_last``."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
@@ -87,7 +88,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             raise FileNotFoundError(f"resume={resume}: that run dir has no complete checkpoint")
         return found[-1]
     if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"resume={resume}: not a checkpoint dir (no trainer_state.pt); use auto or checkpoints/step-N")
+        raise FileNotFoundError(
+            f"resume={resume}: not a checkpoint dir (no trainer_state.pt); use auto or checkpoints/step-N"
+        )
     return path
 
 

@@ -9,7 +9,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
 from polmctl.config.schema import LoggerConfig, TrainerConfig
-from polmctl.engine.progress import console
+from polmctl.console import console
 
 
 def make_accelerator(trainer: TrainerConfig, logger: LoggerConfig, run_dir: Path) -> Accelerator:

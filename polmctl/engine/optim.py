@@ -37,6 +37,4 @@ def warmup_steps(cfg: TrainerConfig) -> int:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig):
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.scheduler]
-    return get_scheduler(
-        name, optimizer, num_warmup_steps=warmup_steps(cfg), num_training_steps=cfg.max_steps
-    )
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(cfg), num_training_steps=cfg.max_steps)

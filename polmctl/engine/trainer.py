@@ -10,7 +10,7 @@ Features and the flag that controls each:
   halve the micro-batch on out-of-memory  trainer.auto_batch (same global batch: grad accumulation doubles)
   atomic checkpoints, keep the last K     trainer.save_every, trainer.keep_last
   exact resume                            resume=auto | resume=<checkpoint dir>
-  a pruned model keeps its zeros          trainer.keep_sparsity
+  a pruned model keeps its zeros          trainer.keep_sparsity (the runner's after_step hook)
   metrics.jsonl, trackers, progress bar   trainer.log_every, logger.trackers, logger.progress
 A non-finite loss stops the run before the bad update is applied.
 
@@ -33,15 +33,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from torch.nn.parallel import DistributedDataParallel
 
-from polmctl.compress.sparsity import SparsityMasks
 from polmctl.config.schema import TrainerConfig
-from polmctl.engine.batches import OfflineBatches
+from polmctl.console import console
+from polmctl.engine.batches import BatchSource, OfflineBatches
 from polmctl.engine.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from polmctl.engine.errors import TrainingError
+from polmctl.engine.contract import Objective
 from polmctl.engine.metrics import MetricsLog
 from polmctl.engine.optim import build_optimizer, build_scheduler
-from polmctl.engine.progress import StepProgress, console
-from polmctl.objectives.base import Objective
+from polmctl.engine.progress import StepProgress
+from polmctl.errors import TrainingError
 
 
 @dataclass
@@ -72,25 +72,45 @@ def check_distributed_type(acc: Accelerator, cfg: TrainerConfig) -> None:
     plugin = acc.state.deepspeed_plugin
     if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin and plugin.zero_stage == 3):
         # Evaluation and final/ run on rank 0 with the whole model; sharded weights would need every rank.
-        raise TrainingError("launcher.config_file: FSDP and DeepSpeed ZeRO-3 shard the weights, which polmctl's "
-                            "evaluation and final/ save do not gather yet; use ddp or deepspeed_zero2")
+        raise TrainingError(
+            "launcher.config_file: FSDP and DeepSpeed ZeRO-3 shard the weights, which polmctl's "
+            "evaluation and final/ save do not gather yet; use ddp or deepspeed_zero2"
+        )
     if kind == DistributedType.DEEPSPEED:
         if cfg.grad_accum > 1:
             # accelerate's DeepSpeed wrapper steps the engine after every backward outside accelerator.accumulate.
-            raise TrainingError("trainer.grad_accum: DeepSpeed steps the optimizer after every backward pass here; "
-                                "set trainer.grad_accum=1 and raise trainer.micro_batch_size instead")
+            raise TrainingError(
+                "trainer.grad_accum: DeepSpeed steps the optimizer after every backward pass here; "
+                "set trainer.grad_accum=1 and raise trainer.micro_batch_size instead"
+            )
         if cfg.save_every:
-            raise TrainingError("trainer.save_every: under DeepSpeed the optimizer state is sharded over ranks and "
-                                "checkpoints/ keeps rank 0's only; set trainer.save_every=0 (final/ is still written)")
+            raise TrainingError(
+                "trainer.save_every: under DeepSpeed the optimizer state is sharded over ranks and "
+                "checkpoints/ keeps rank 0's only; set trainer.save_every=0 (final/ is still written)"
+            )
 
 
 class Trainer:
-    def __init__(self, *, cfg: TrainerConfig, model: torch.nn.Module, objective: Objective,
-                 examples: Sequence[dict] = (), collate: Callable[[list[dict]], dict] | None = None, run_dir: Path,
-                 accelerator: Accelerator, seed: int, shuffle: bool = True, progress: bool = True, tokenizer=None,
-                 batches=None):
-        """``examples`` + ``collate`` for offline objectives, or ``batches``: any source with
-        ``next_step(model)``, ``progress_epochs`` and state_dict/load_state_dict (online RL)."""
+    def __init__(
+        self,
+        *,
+        cfg: TrainerConfig,
+        model: torch.nn.Module,
+        objective: Objective,
+        examples: Sequence[dict] = (),
+        collate: Callable[[list[dict]], dict] | None = None,
+        run_dir: Path,
+        accelerator: Accelerator,
+        seed: int,
+        shuffle: bool = True,
+        progress: bool = True,
+        tokenizer=None,
+        batches: BatchSource | None = None,
+        after_step: Sequence[Callable[[torch.nn.Module], None]] = (),
+    ):
+        """``examples`` + ``collate`` for offline methods, or ``batches``: the method's own
+        BatchSource (online RL). ``after_step``: functions of the unwrapped model called after
+        every optimizer step (a pruned model's zeros, re-applied)."""
         self.cfg, self.objective = cfg, objective
         self.tokenizer = tokenizer
         self.run_dir, self.acc, self.progress = run_dir, accelerator, progress
@@ -101,25 +121,38 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         if isinstance(self.model, DistributedDataParallel):
             self.model.__class__ = ModelAttributesDDP
-        self.batches = batches or OfflineBatches(examples, collate, cfg.micro_batch_size, cfg.grad_accum, seed=seed,
-                                                 shuffle=shuffle, rank=accelerator.process_index,
-                                                 world_size=accelerator.num_processes)
+        self.batches = batches or OfflineBatches(
+            examples,
+            collate,
+            cfg.micro_batch_size,
+            cfg.grad_accum,
+            seed=seed,
+            shuffle=shuffle,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
         if cfg.auto_batch and accelerator.num_processes > 1:
             # One rank retrying a step while the others wait in the gradient all-reduce would hang.
-            raise TrainingError("trainer.auto_batch works in one process only; with several processes lower "
-                                "trainer.micro_batch_size (and raise trainer.grad_accum) instead")
-        if cfg.auto_batch and not hasattr(self.batches, "halve_micro_batch"):
-            raise TrainingError(f"trainer.auto_batch: this method's batches ({type(self.batches).__name__}) cannot be "
-                                "re-split after an out-of-memory error; set trainer.auto_batch=false and lower "
-                                "trainer.micro_batch_size instead")
+            raise TrainingError(
+                "trainer.auto_batch works in one process only; with several processes lower "
+                "trainer.micro_batch_size (and raise trainer.grad_accum) instead"
+            )
+        if cfg.auto_batch and not self.batches.can_halve:
+            raise TrainingError(
+                f"trainer.auto_batch: this method's batches ({type(self.batches).__name__}) cannot be "
+                "re-split after an out-of-memory error; set trainer.auto_batch=false and lower "
+                "trainer.micro_batch_size instead"
+            )
         self.step = 0
-        # A pruned model's zeros, kept through fine-tuning (trainer.keep_sparsity).
-        self.sparsity = SparsityMasks.from_model(model) if cfg.keep_sparsity else None
+        self.after_step = list(after_step)
 
     # -- state ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "sampler": self.batches.state_dict()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.batches.state_dict(),
+        }
 
     def resume_from(self, path: Path) -> None:
         state = load_checkpoint(path, self.acc.unwrap_model(self.model))
@@ -138,8 +171,14 @@ class Trainer:
             state["rng_per_rank"] = gather_object([rng_state()])
         path = None
         if self.acc.is_main_process:
-            path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.acc.unwrap_model(self.model),
-                                   state, self.cfg.keep_last, tokenizer=self.tokenizer)
+            path = save_checkpoint(
+                self.run_dir / "checkpoints",
+                self.step,
+                self.acc.unwrap_model(self.model),
+                state,
+                self.cfg.keep_last,
+                tokenizer=self.tokenizer,
+            )
         self.acc.wait_for_everyone()
         return path
 
@@ -169,22 +208,34 @@ class Trainer:
         grad_norm = self.acc.clip_grad_norm_(params, max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
-        if self.sparsity is not None:
-            self.sparsity.apply(self.acc.unwrap_model(self.model))
+        for hook in self.after_step:
+            hook(self.acc.unwrap_model(self.model))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss_total, metric_sums, metric_counts, tokens, source_metrics = self._over_ranks(
-            loss_total, metric_sums, metric_counts, tokens, source_metrics)
+            loss_total, metric_sums, metric_counts, tokens, source_metrics
+        )
         total_weight = weight.item() * self.acc.num_processes
         # A subset metric whose subset was empty this step (count 0) is left out, not logged as NaN.
-        means = {name: total / metric_counts.get(name, total_weight)
-                 for name, total in metric_sums.items() if metric_counts.get(name, 1)}
+        means = {
+            name: total / metric_counts.get(name, total_weight)
+            for name, total in metric_sums.items()
+            if metric_counts.get(name, 1)
+        }
         if self.cfg.auto_batch:
             means["micro_batch_size"] = self.batches.micro_batch_size
         grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed may not report one
-        return {"loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **means, **source_metrics,
-                "batch_time_s": batch_time, "update_time_s": time.perf_counter() - started - batch_time}
+        return {
+            "loss": loss_total,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            **means,
+            **source_metrics,
+            "batch_time_s": batch_time,
+            "update_time_s": time.perf_counter() - started - batch_time,
+        }
 
     def _accumulate(self, batches: list[dict], weight: torch.Tensor) -> tuple[float, dict, dict, int]:
         """Forward and backward every micro-batch of the step; gradients sync on the last one."""
@@ -200,7 +251,8 @@ class Trainer:
                     raise TrainingError(
                         f"the loss became {loss.item()} at step {self.step + 1} (micro-batch {k}); no update was "
                         f"applied. Last good checkpoint: {self._last_checkpoint()}. Lower trainer.lr, raise "
-                        "trainer.warmup_steps, or set model.dtype=float32")
+                        "trainer.warmup_steps, or set model.dtype=float32"
+                    )
                 self.acc.backward(loss)
             loss_total += loss.item()
             for name, value in terms.metrics.items():  # a (sum, count) pair is a mean over its own count
@@ -219,11 +271,16 @@ class Trainer:
         try:
             batches = self.batches.halve_micro_batch()
         except ValueError as err:
-            raise TrainingError(f"out of memory at step {self.step + 1} and trainer.auto_batch cannot go lower: {err}; "
-                                "lower data.max_length, use peft or model.gradient_checkpointing=true") from None
-        console.print(f"[yellow]auto_batch:[/] out of memory at step {self.step + 1}; micro-batch {before} -> "
-                      f"{self.batches.micro_batch_size} rows, {n_batches} -> {len(batches)} micro-batches per step "
-                      "(same global batch)", highlight=False)
+            raise TrainingError(
+                f"out of memory at step {self.step + 1} and trainer.auto_batch cannot go lower: {err}; "
+                "lower data.max_length, use peft or model.gradient_checkpointing=true"
+            ) from None
+        console.print(
+            f"[yellow]auto_batch:[/] out of memory at step {self.step + 1}; micro-batch {before} -> "
+            f"{self.batches.micro_batch_size} rows, {n_batches} -> {len(batches)} micro-batches per step "
+            "(same global batch)",
+            highlight=False,
+        )
         return batches
 
     def _over_ranks(self, loss: float, sums: dict, counts: dict, tokens: int, source: dict):
@@ -242,8 +299,13 @@ class Trainer:
                 merged_counts[name] = merged_counts.get(name, 0.0) + v
             for name, v in src.items():
                 merged_source.setdefault(name, []).append(float(v))
-        return (sum(p[0] for p in parts) / len(parts), merged_sums, merged_counts, sum(p[3] for p in parts),
-                {name: sum(v) / len(v) for name, v in merged_source.items()})
+        return (
+            sum(p[0] for p in parts) / len(parts),
+            merged_sums,
+            merged_counts,
+            sum(p[3] for p in parts),
+            {name: sum(v) / len(v) for name, v in merged_source.items()},
+        )
 
     def _last_checkpoint(self) -> str:
         found = list_checkpoints(self.run_dir / "checkpoints")
@@ -263,8 +325,12 @@ class Trainer:
                     metrics = self._train_step()
                     elapsed = time.perf_counter() - t0
                     total_tokens += metrics["tokens"]
-                    metrics.update(step=self.step, epoch=round(self.batches.progress_epochs, 4),
-                                   step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed)
+                    metrics.update(
+                        step=self.step,
+                        epoch=round(self.batches.progress_epochs, 4),
+                        step_time_s=elapsed,
+                        tokens_per_s=metrics["tokens"] / elapsed,
+                    )
                     first_loss = metrics["loss"] if math.isnan(first_loss) else first_loss
                     last_loss = metrics["loss"]
                     if log and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps):
@@ -277,6 +343,11 @@ class Trainer:
             if log:
                 log.close()
         wall = time.perf_counter() - start
-        return FitResult(steps=self.step, final_loss=last_loss, first_loss=first_loss, train_time_s=wall,
-                         tokens_per_s=total_tokens / wall if wall > 0 else 0.0,
-                         resumed_from=str(resume) if resume else None)
+        return FitResult(
+            steps=self.step,
+            final_loss=last_loss,
+            first_loss=first_loss,
+            train_time_s=wall,
+            tokens_per_s=total_tokens / wall if wall > 0 else 0.0,
+            resumed_from=str(resume) if resume else None,
+        )

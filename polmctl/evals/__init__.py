@@ -23,22 +23,32 @@ from polmctl.evals.reward import reward_accuracy
 
 # task name -> (default held-out source, runner)
 EVAL_TASKS = {
-    "arithmetic": ("builtin:arithmetic", lambda m, t, rows, cfg: exact_match(
-        m, t, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)),
-    "reversal": ("builtin:reversal", lambda m, t, rows, cfg: exact_match(
-        m, t, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, extract=extract_reversal_answer)),
+    "arithmetic": (
+        "builtin:arithmetic",
+        lambda m, t, rows, cfg: exact_match(m, t, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens),
+    ),
+    "reversal": (
+        "builtin:reversal",
+        lambda m, t, rows, cfg: exact_match(
+            m, t, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, extract=extract_reversal_answer
+        ),
+    ),
     "perplexity": ("builtin:domain_text", lambda m, t, rows, cfg: perplexity(m, t, rows, batch_size=cfg.batch_size)),
-    "preference": ("builtin:arithmetic_preference", lambda m, t, rows, cfg: preference_accuracy(
-        m, t, rows, batch_size=cfg.batch_size)),
-    "reward": ("builtin:style_preference", lambda m, t, rows, cfg: reward_accuracy(
-        m, t, rows, batch_size=cfg.batch_size)),
+    "preference": (
+        "builtin:arithmetic_preference",
+        lambda m, t, rows, cfg: preference_accuracy(m, t, rows, batch_size=cfg.batch_size),
+    ),
+    "reward": (
+        "builtin:style_preference",
+        lambda m, t, rows, cfg: reward_accuracy(m, t, rows, batch_size=cfg.batch_size),
+    ),
 }
 REWARD_MODEL_TASKS = ("reward",)  # the tasks a reward model (a score head, no LM head) can run
 
 
 def check_tasks_fit(tasks: list[str], reward_model: bool, what: str) -> None:
     """A reward model (no LM head) runs only the reward tasks; a language model all the others."""
-    from polmctl.config.schema import ConfigError
+    from polmctl.errors import ConfigError
 
     for i, task in enumerate(tasks):
         if reward_model != (task in REWARD_MODEL_TASKS):
@@ -52,12 +62,14 @@ def eval_rows(task: str, cfg: EvalConfig, data: DataConfig) -> list[dict]:
     the sources match, so evaluation asks the same kind of question training taught."""
     source = cfg.source or EVAL_TASKS[task][0]
     options = dict(data.options) if source == data.source else {}
-    return load_rows(source, data.eval_split if source == data.source else "test",
-                     max_rows=cfg.max_samples, options=options or None)
+    return load_rows(
+        source, data.eval_split if source == data.source else "test", max_rows=cfg.max_samples, options=options or None
+    )
 
 
-def run_evals(model, tokenizer, cfg: EvalConfig, data: DataConfig, out_dir: Path | None = None,
-              tag: str = "") -> dict[str, dict[str, Any]]:
+def run_evals(
+    model, tokenizer, cfg: EvalConfig, data: DataConfig, out_dir: Path | None = None, tag: str = ""
+) -> dict[str, dict[str, Any]]:
     from polmctl.models import is_reward_model
 
     reward_model = is_reward_model(model)
@@ -81,8 +93,8 @@ def evaluate_run(cfg, model, tokenizer, run_dir: Path, tag: str, reuse: bool = F
     """The run's eval tasks on ``model``, written to ``<run_dir>/eval/results-<tag>.json`` (and
     the answers to eval/*.jsonl); None without tasks. ``reuse`` returns an earlier result for
     ``tag`` if there is one (a resumed run keeps its 'before'). Used by every runner."""
+    from polmctl.console import console
     from polmctl.engine.metrics import write_json
-    from polmctl.engine.progress import console
 
     if not cfg.eval.tasks:
         return None

@@ -9,24 +9,32 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from polmctl.data import extract_answer, format_prompt
+from polmctl.data.prompts import prompt_of
 from polmctl.rollout import generate
 
 
-def prompt_of(row: dict) -> Any:
-    """The prompt of a prompt/completion row, or the messages before the last assistant turn."""
-    if "prompt" in row:
-        return row["prompt"]
-    return row["messages"][:-1]
-
-
-def exact_match(model, tokenizer, rows: list[dict], *, batch_size: int, max_new_tokens: int,
-                extract: Callable[[str], str | None] = extract_answer) -> dict[str, Any]:
+def exact_match(
+    model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    extract: Callable[[str], str | None] = extract_answer,
+) -> dict[str, Any]:
     prompts = [format_prompt(prompt_of(r), tokenizer) for r in rows]
     completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     samples = []
     for row, completion in zip(rows, completions):
         predicted = extract(completion)
-        samples.append({"prompt": prompt_of(row), "completion": completion, "predicted": predicted,
-                        "answer": str(row["answer"]), "correct": predicted == str(row["answer"])})
+        samples.append(
+            {
+                "prompt": prompt_of(row),
+                "completion": completion,
+                "predicted": predicted,
+                "answer": str(row["answer"]),
+                "correct": predicted == str(row["answer"]),
+            }
+        )
     accuracy = sum(s["correct"] for s in samples) / len(samples)
     return {"metrics": {"accuracy": accuracy, "n": len(samples)}, "samples": samples}

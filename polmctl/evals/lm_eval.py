@@ -28,7 +28,7 @@ def is_lm_eval_task(name: str) -> bool:
 
 
 def _spec(name: str) -> str:
-    return name[len(PREFIX):]
+    return name[len(PREFIX) :]
 
 
 def _is_file(spec: str) -> bool:
@@ -37,13 +37,14 @@ def _is_file(spec: str) -> bool:
 
 def check_lm_eval_task(name: str, key: str) -> None:
     """Config-time check of one ``lm_eval:`` task name (no task index is built: that takes seconds)."""
-    from polmctl.config.schema import ConfigError
+    from polmctl.errors import ConfigError
 
     if not _spec(name).strip():
         raise ConfigError(key, f"{name!r} names no task; use lm_eval:<task>, e.g. lm_eval:hellaswag")
     if importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError(key, f"{name} needs lm-evaluation-harness: pip install 'polmctl[lmeval]' "
-                               "(or pip install lm-eval)")
+        raise ConfigError(
+            key, f"{name} needs lm-evaluation-harness: pip install 'polmctl[lmeval]' (or pip install lm-eval)"
+        )
 
 
 def _dataset_of(spec: str, manager) -> str:
@@ -97,7 +98,7 @@ def _plain(value: Any) -> Any:
 def run_lm_eval(model, tokenizer, name: str, cfg) -> dict[str, Any]:
     """Run lm-eval task ``name`` (``lm_eval:<task or file.yaml>``) on the loaded model:
     ``{"metrics": {...}, "samples": [...]}`` like every polmctl eval task."""
-    from polmctl.data import DataError
+    from polmctl.errors import DataError
 
     check_lm_eval_task(name, "eval.tasks")
     from lm_eval import simple_evaluate
@@ -115,30 +116,48 @@ def run_lm_eval(model, tokenizer, name: str, cfg) -> dict[str, Any]:
     # The default index (14k task configs) takes seconds to build; a local config needs none of it.
     manager = TaskManager(include_defaults=not _is_file(spec))
     if not _is_file(spec) and spec not in manager.all_tasks:
-        raise DataError(f"eval task {name}: lm-eval has no task {spec!r}; list them with `lm-eval ls tasks`, or "
-                        "give a task config file: lm_eval:path/to/task.yaml")
+        raise DataError(
+            f"eval task {name}: lm-eval has no task {spec!r}; list them with `lm-eval ls tasks`, or "
+            "give a task config file: lm_eval:path/to/task.yaml"
+        )
     was_training = model.training
     model.eval()
     try:
         # A copy: HFLM sets padding options on the tokenizer it is given.
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=cfg.batch_size)
-        results = simple_evaluate(model=lm, tasks=[spec], limit=cfg.max_samples, task_manager=manager,
-                                  log_samples=True, bootstrap_iters=0)
+        results = simple_evaluate(
+            model=lm, tasks=[spec], limit=cfg.max_samples, task_manager=manager, log_samples=True, bootstrap_iters=0
+        )
     except _load_errors() as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"eval task {name} needs the dataset {_dataset_of(spec, manager)}, which cannot be loaded here "
-                        f"({reason[:200]}); run it where the Hugging Face hub (or the task's files) can be reached")
+        raise DataError(
+            f"eval task {name} needs the dataset {_dataset_of(spec, manager)}, which cannot be loaded here "
+            f"({reason[:200]}); run it where the Hugging Face hub (or the task's files) can be reached"
+        )
     finally:
         model.train(was_training)
     tasks = results["results"]
     counts = results.get("n-samples", {})
     if len(tasks) == 1:
-        (task, values), = tasks.items()
+        ((task, values),) = tasks.items()
         metrics = _metrics(values, counts.get(task, {}).get("effective"))
     else:  # a group: every subtask's metrics, prefixed with its name
-        metrics = {f"{task}/{k}": v for task, values in tasks.items()
-                   for k, v in _metrics(values, counts.get(task, {}).get("effective")).items()}
-    samples = [_plain({"task": task, "doc_id": s.get("doc_id"), "target": s.get("target"),
-                       "response": s.get("filtered_resps"), **{m: s.get(m) for m in s.get("metrics", [])}})
-               for task, rows in (results.get("samples") or {}).items() for s in rows]
+        metrics = {
+            f"{task}/{k}": v
+            for task, values in tasks.items()
+            for k, v in _metrics(values, counts.get(task, {}).get("effective")).items()
+        }
+    samples = [
+        _plain(
+            {
+                "task": task,
+                "doc_id": s.get("doc_id"),
+                "target": s.get("target"),
+                "response": s.get("filtered_resps"),
+                **{m: s.get(m) for m in s.get("metrics", [])},
+            }
+        )
+        for task, rows in (results.get("samples") or {}).items()
+        for s in rows
+    ]
     return {"metrics": metrics, "samples": samples}

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from polmctl.data.preference import encode_preference_dataset, preference_collate
-from polmctl.objectives.pairwise import sequence_logps
+from polmctl.models.forward import sequence_logps
 
 
 @torch.no_grad()
-def score_pairs(model, tokenizer, rows: list[dict], score, *, batch_size: int, max_length: int,
-                source: str) -> list[tuple[float, float]]:
+def score_pairs(
+    model, tokenizer, rows: list[dict], score, *, batch_size: int, max_length: int, source: str
+) -> list[tuple[float, float]]:
     """``(chosen, rejected)`` scores of every pair, ``score(model, batch)`` giving both halves of
     a chosen-then-rejected batch; the model is scored in eval mode and left as it was."""
     examples, _ = encode_preference_dataset(rows, tokenizer, source=source, max_length=max_length)
@@ -37,8 +38,11 @@ def score_pairs(model, tokenizer, rows: list[dict], score, *, batch_size: int, m
 
 def pair_metrics(scores: list[tuple[float, float]]) -> dict[str, Any]:
     margins = [c - r for c, r in scores]
-    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "mean_margin": sum(margins) / len(margins),
-            "n": len(margins)}
+    return {
+        "accuracy": sum(m > 0 for m in margins) / len(margins),
+        "mean_margin": sum(margins) / len(margins),
+        "n": len(margins),
+    }
 
 
 def _average_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +52,10 @@ def _average_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return avg[:half], avg[half:]
 
 
-def preference_accuracy(model, tokenizer, rows: list[dict], *, batch_size: int, max_length: int = 512) -> dict[str, Any]:
-    scores = score_pairs(model, tokenizer, rows, _average_logps, batch_size=batch_size, max_length=max_length,
-                         source="preference eval")
+def preference_accuracy(
+    model, tokenizer, rows: list[dict], *, batch_size: int, max_length: int = 512
+) -> dict[str, Any]:
+    scores = score_pairs(
+        model, tokenizer, rows, _average_logps, batch_size=batch_size, max_length=max_length, source="preference eval"
+    )
     return {"metrics": pair_metrics(scores), "samples": []}

@@ -3,9 +3,9 @@ models and LoRA adapters on a common base, streamed one tensor at a time.
 
     polmctl run recipe=merge "method.models=[<run dir A>,<run dir B>]" method.merge=ties
 
-config.py   the ``method`` node (MergeMethod), free of torch
 sources.py  lazy per-tensor readers: full model dirs, LoRA adapter dirs, run dirs
-methods.py  the per-tensor merge functions (peft's merge_utils, plus SLERP)
+methods.py  the per-tensor merge functions (peft's merge_utils, plus SLERP); the method node is
+            polmctl/methods/merge.py
 write.py    safetensors shards written as tensors are merged
 merge.py    checks that the inputs fit together, then merges them into a model dir
 """

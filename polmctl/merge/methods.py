@@ -16,12 +16,24 @@ from peft.utils import merge_utils
 
 # Below this |cos| distance two vectors count as parallel and slerp falls back to lerp
 # (sin(omega) ~ 0 would divide by ~0); the same threshold mergekit uses.
+MERGES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # they need a base model
+SPARSIFYING = ("ties", "dare_linear", "dare_ties")  # they read method.density
+SIGN_METHODS = ("total", "frequency")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 SLERP_PARALLEL_EPS = 1e-4
 
 
-def merge_tensor(merge: str, tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
-                 base: torch.Tensor | None = None, density: float = 1.0, majority_sign_method: str = "total",
-                 slerp_t: float = 0.5) -> torch.Tensor:
+def merge_tensor(
+    merge: str,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor | None = None,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    slerp_t: float = 0.5,
+) -> torch.Tensor:
     """The merged tensor (float32) of ``tensors`` (one per model, same shape).
 
     linear: sum(w_i x_i) (the weights arrive normalized when averaging). The task-vector merges

@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from polmctl.models import ModelError, resolve_model_path
+from polmctl.errors import ModelError
+from polmctl.models import resolve_model_path
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 ADAPTER_PREFIX = "base_model.model."
-LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.default)?"
-                      r"\.weight$")
+LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.default)?"
+    r"\.weight$"
+)
 
 
 class FullModel:
@@ -64,16 +67,20 @@ class LoraAdapter:
         _refuse_unmergeable(config, label)
         file = self.path / "adapter_model.safetensors"
         if not file.is_file():
-            raise ModelError(f"{label}: {self.path} has no adapter_model.safetensors (a .bin adapter?); re-save the "
-                             "adapter with safetensors")
+            raise ModelError(
+                f"{label}: {self.path} has no adapter_model.safetensors (a .bin adapter?); re-save the "
+                "adapter with safetensors"
+            )
         self.handle = stack.enter_context(safe_open(str(file), framework="pt"))
         parts: dict[str, dict[str, str]] = {}
         self.replaced: dict[str, str] = {}  # base name -> adapter key of a whole saved tensor
         for key in self.handle.keys():
             if not key.startswith(ADAPTER_PREFIX):
-                raise ModelError(f"{label}: adapter tensor {key!r} does not start with {ADAPTER_PREFIX!r}; not a "
-                                 "peft adapter for a causal LM")
-            inner = key[len(ADAPTER_PREFIX):]
+                raise ModelError(
+                    f"{label}: adapter tensor {key!r} does not start with {ADAPTER_PREFIX!r}; not a "
+                    "peft adapter for a causal LM"
+                )
+            inner = key[len(ADAPTER_PREFIX) :]
             match = LORA_KEY.match(inner)
             if match:
                 parts.setdefault(match["module"], {})[match["part"]] = key
@@ -82,11 +89,16 @@ class LoraAdapter:
         self.updates: dict[str, tuple[str, str, float, bool]] = {}  # base name -> (A key, B key, scale, embedding)
         for module, found in parts.items():
             embedding = "lora_embedding_A" in found
-            a, b = (found.get("lora_embedding_A"), found.get("lora_embedding_B")) if embedding else \
-                (found.get("lora_A"), found.get("lora_B"))
+            a, b = (
+                (found.get("lora_embedding_A"), found.get("lora_embedding_B"))
+                if embedding
+                else (found.get("lora_A"), found.get("lora_B"))
+            )
             if a is None or b is None:
-                raise ModelError(f"{label}: adapter module {module} has only one of its two LoRA matrices; the "
-                                 "adapter file is incomplete")
+                raise ModelError(
+                    f"{label}: adapter module {module} has only one of its two LoRA matrices; the "
+                    "adapter file is incomplete"
+                )
             rank = self.handle.get_slice(a).get_shape()[0]
             self.updates[f"{module}.weight"] = (a, b, _scale(config, module, rank), embedding)
         self.fan_in_fan_out = bool(config.get("fan_in_fan_out"))
@@ -127,8 +139,9 @@ class LoraAdapter:
         return (update.T if embedding or self.fan_in_fan_out else update) * scale
 
 
-def open_model(name_or_path: str, label: str, stack: ExitStack, cache_dir: str | None,
-               bases: dict[str, FullModel]) -> FullModel | LoraAdapter:
+def open_model(
+    name_or_path: str, label: str, stack: ExitStack, cache_dir: str | None, bases: dict[str, FullModel]
+) -> FullModel | LoraAdapter:
     """A reader for ``name_or_path``; LoRA adapters share one FullModel per base dir (``bases``)."""
     from polmctl.models.load import _adapter_base
 
@@ -155,8 +168,10 @@ def _local_dir(name_or_path: str, label: str, cache_dir: str | None) -> Path:
         try:
             path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
         except Exception as err:  # noqa: BLE001 - any hub failure is one line naming the model
-            raise ModelError(f"{label}: cannot download {name_or_path!r} from the hub ({str(err).splitlines()[0]}); "
-                             "use a local dir or run dir") from None
+            raise ModelError(
+                f"{label}: cannot download {name_or_path!r} from the hub ({str(err).splitlines()[0]}); "
+                "use a local dir or run dir"
+            ) from None
     return Path(path)
 
 
@@ -164,16 +179,20 @@ def _weight_files(path: Path, label: str) -> list[Path]:
     config = _read_json(path / "config.json", label)
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
-        raise ModelError(f"{label}: {path} holds {method} weights; merge full-precision models (the source of a "
-                         "quantize run, not its final/)")
+        raise ModelError(
+            f"{label}: {path} holds {method} weights; merge full-precision models (the source of a "
+            "quantize run, not its final/)"
+        )
     if (path / WEIGHTS_INDEX).is_file():
         index = _read_json(path / WEIGHTS_INDEX, label)
         return [path / f for f in sorted(set(index["weight_map"].values()))]
     files = sorted(path.glob("*.safetensors"))
     files = [f for f in files if f.name != "adapter_model.safetensors" and f.stem.startswith("model")]
     if not files:
-        raise ModelError(f"{label}: {path} has no model*.safetensors weights (pytorch_model.bin only?); re-save it "
-                         "with save_pretrained(safe_serialization=True)")
+        raise ModelError(
+            f"{label}: {path} has no model*.safetensors weights (pytorch_model.bin only?); re-save it "
+            "with save_pretrained(safe_serialization=True)"
+        )
     return files
 
 
@@ -189,14 +208,20 @@ def _read_json(path: Path, label: str) -> dict:
 def _refuse_unmergeable(config: dict, label: str) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise ModelError(f"{label} holds a {peft_type} adapter, which adds no weight update to merge; merge LoRA "
-                         "adapters or full models")
+        raise ModelError(
+            f"{label} holds a {peft_type} adapter, which adds no weight update to merge; merge LoRA "
+            "adapters or full models"
+        )
     if config.get("use_dora"):
-        raise ModelError(f"{label} holds a DoRA adapter (its update is not B @ A x scale); merge the run trained "
-                         "with peft.merge_on_save=true, or a LoRA run")
+        raise ModelError(
+            f"{label} holds a DoRA adapter (its update is not B @ A x scale); merge the run trained "
+            "with peft.merge_on_save=true, or a LoRA run"
+        )
     if config.get("lora_bias"):
-        raise ModelError(f"{label}: adapters with lora_bias=true are not supported; merge a model saved with "
-                         "peft.merge_on_save=true instead")
+        raise ModelError(
+            f"{label}: adapters with lora_bias=true are not supported; merge a model saved with "
+            "peft.merge_on_save=true instead"
+        )
 
 
 def _scale(config: dict, module: str, rank: int) -> float:
@@ -210,16 +235,29 @@ def _scale(config: dict, module: str, rank: int) -> float:
 
 def _expect(name: str, key: str, adapter: LoraAdapter, shape: tuple[int, ...]) -> None:
     if name not in adapter.base.where:
-        raise ModelError(f"{adapter.label}: adapter tensor {key} targets {name}, which its base "
-                         f"{adapter.base.path} does not have; the adapter was trained on another model")
+        raise ModelError(
+            f"{adapter.label}: adapter tensor {key} targets {name}, which its base "
+            f"{adapter.base.path} does not have; the adapter was trained on another model"
+        )
     if tuple(shape) != adapter.base.shape(name):
-        raise ModelError(f"{adapter.label}: adapter tensor {key} gives {name} the shape {tuple(shape)}, its base "
-                         f"{adapter.base.path} has {adapter.base.shape(name)}; the adapter was trained on another model")
+        raise ModelError(
+            f"{adapter.label}: adapter tensor {key} gives {name} the shape {tuple(shape)}, its base "
+            f"{adapter.base.path} has {adapter.base.shape(name)}; the adapter was trained on another model"
+        )
 
 
 def _slice_dtype(handle, name: str) -> torch.dtype:
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+    names = {
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F64": torch.float64,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
     dtype = handle.get_slice(name).get_dtype()
     return names.get(dtype, torch.float32)

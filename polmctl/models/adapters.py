@@ -11,14 +11,14 @@ generation cache kwarg ``past_key_values`` to ``cache``; peft's
 tuning with a KV cache) and hands the prefix as ``past_key_values`` next to generate's own
 ``cache``, which the model's ``deprecate_kwarg`` keeps while dropping the prefix (prefix
 tuning, with or without a KV cache from the second step on). See the tests in
-tests/unit/test_models_adapters.py. ``polmctl.rollout.generate`` (used by every eval and
+tests/models/test_adapters.py. ``polmctl.rollout.generate`` (used by every eval and
 sampler) decodes prompt-learning models with its own loop instead, so polmctl is unaffected.
 """
 
 from __future__ import annotations
 
 from polmctl.config.schema import PeftConfig
-from polmctl.models.errors import ModelError
+from polmctl.errors import ModelError
 
 METHODS = ("none", "lora", "dora", "prompt_tuning", "prefix_tuning")
 
@@ -33,8 +33,15 @@ def peft_config(cfg: PeftConfig, tokenizer=None, model=None):
     task = TaskType.SEQ_CLS if model is not None and is_reward_model(model) else TaskType.CAUSAL_LM
     if cfg.method in ("lora", "dora"):
         targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
-        return LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=targets, use_dora=cfg.method == "dora", use_rslora=cfg.use_rslora)
+        return LoraConfig(
+            task_type=task,
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            use_dora=cfg.method == "dora",
+            use_rslora=cfg.use_rslora,
+        )
     if cfg.method == "prompt_tuning":
         if not cfg.prompt_init_text:
             return PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
@@ -42,9 +49,13 @@ def peft_config(cfg: PeftConfig, tokenizer=None, model=None):
         source = getattr(tokenizer, "name_or_path", None) or getattr(model, "name_or_path", None)
         if not source:
             raise ModelError("peft.prompt_init_text needs the model's tokenizer: pass it to apply_peft")
-        return PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
-                                  prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
-                                  tokenizer_name_or_path=source)
+        return PromptTuningConfig(
+            task_type=task,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=cfg.prompt_init_text,
+            tokenizer_name_or_path=source,
+        )
     if cfg.method == "prefix_tuning":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     raise ModelError(f"peft.method={cfg.method!r} is not an adapter; use one of {', '.join(METHODS)}")
@@ -81,14 +92,18 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None):
     if isinstance(model, PeftModel):
         loaded = _adapter_method(model)
         if loaded != cfg.method:
-            raise ModelError(f"the model already carries a {loaded} adapter but peft.method={cfg.method}; set "
-                             f"peft.method={loaded} to continue training it, or start from a merged or base model")
+            raise ModelError(
+                f"the model already carries a {loaded} adapter but peft.method={cfg.method}; set "
+                f"peft.method={loaded} to continue training it, or start from a merged or base model"
+            )
         fuse_lora_layers(model)
         return model
     if cfg.method == "none":
         if getattr(model, "is_quantized", False):
-            raise ModelError("full fine-tuning (peft.method=none) cannot update quantized weights; use "
-                             "peft.method=lora (QLoRA) or model.quantization=none")
+            raise ModelError(
+                "full fine-tuning (peft.method=none) cannot update quantized weights; use "
+                "peft.method=lora (QLoRA) or model.quantization=none"
+            )
         for p in model.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
@@ -98,11 +113,15 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None):
     except ValueError as err:
         message = str(err).lower()
         if "target modules" in message or "target_modules" in message:
-            raise ModelError(f"peft.target_modules={list(cfg.target_modules)} matches no layer of the model; "
-                             f"linear layers: {', '.join(_linear_names(model))}, or use [all-linear]") from None
+            raise ModelError(
+                f"peft.target_modules={list(cfg.target_modules)} matches no layer of the model; "
+                f"linear layers: {', '.join(_linear_names(model))}, or use [all-linear]"
+            ) from None
         if "gradient checkpointing" in message:
-            raise ModelError(f"peft.method={cfg.method} does not work with model.gradient_checkpointing=true "
-                             "(peft refuses it); set model.gradient_checkpointing=false") from None
+            raise ModelError(
+                f"peft.method={cfg.method} does not work with model.gradient_checkpointing=true "
+                "(peft refuses it); set model.gradient_checkpointing=false"
+            ) from None
         raise ModelError(f"peft.method={cfg.method}: {str(err).strip().splitlines()[0]}") from err
     fuse_lora_layers(adapted)  # LoRA's update added inside the matmul (models/fused_lora.py)
     return adapted

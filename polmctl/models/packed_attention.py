@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
+from polmctl.losses import IGNORE_INDEX
+
 NAME = "polmctl_packed_sdpa"
-IGNORE_INDEX = -100
 
 
 def _runs(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -41,37 +42,65 @@ def _runs(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     return list(zip(starts, starts[1:] + [positions.numel()], firsts))
 
 
-def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
-                **kwargs):
+def packed_sdpa(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' attention-function signature: query [B, H, T, D], key/value [B, H_kv, S, D];
     returns ([B, T, H, D], None). A batch of one packed row (position_ids restarting inside it, no
     cache) runs causal SDPA row by row; anything else is transformers' ``sdpa_attention_forward``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     positions = kwargs.get("position_ids")
-    packed = (positions is not None and query.size(0) == 1 and query.size(2) == key.size(2)
-              and positions.size(-1) == query.size(2))
+    packed = (
+        positions is not None
+        and query.size(0) == 1
+        and query.size(2) == key.size(2)
+        and positions.size(-1) == query.size(2)
+    )
     runs = _runs(positions) if packed else []
     if len(runs) <= 1:  # not packed, or one row only
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     rows, root, root_end = [], 0, 0
     for a, b, first in runs:
         if first == 0:  # a row of its own: causal over itself
             root, root_end = a, b
-            rows.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                               dropout=dropout, scaling=scaling, is_causal=True)[0])
+            rows.append(
+                sdpa_attention_forward(
+                    module,
+                    query[:, :, a:b],
+                    key[:, :, a:b],
+                    value[:, :, a:b],
+                    None,
+                    dropout=dropout,
+                    scaling=scaling,
+                    is_causal=True,
+                )[0]
+            )
             continue
         if first > root_end - root:  # (also a pack whose first run does not start at 0)
-            raise ValueError(f"packed_sdpa: a packed run starts at position {first}, but the row it would continue "
-                             f"has {root_end - root} tokens; position_ids must restart at 0 for each row "
-                             "(data/collate.py pack_collate) or continue a shared prefix (share_common_prefix)")
+            raise ValueError(
+                f"packed_sdpa: a packed run starts at position {first}, but the row it would continue "
+                f"has {root_end - root} tokens; position_ids must restart at 0 for each row "
+                "(data/collate.py pack_collate) or continue a shared prefix (share_common_prefix)"
+            )
         # A continuation of a shared prefix: the row's first `first` tokens, then itself, causally.
-        keys = torch.cat([key[:, :, root:root + first], key[:, :, a:b]], dim=2)
-        values = torch.cat([value[:, :, root:root + first], value[:, :, a:b]], dim=2)
+        keys = torch.cat([key[:, :, root : root + first], key[:, :, a:b]], dim=2)
+        values = torch.cat([value[:, :, root : root + first], value[:, :, a:b]], dim=2)
         visible = torch.ones(b - a, first + b - a, dtype=torch.bool, device=query.device).tril(diagonal=first)
-        rows.append(sdpa_attention_forward(module, query[:, :, a:b], keys, values, visible[None, None],
-                                           dropout=dropout, scaling=scaling, is_causal=False)[0])
+        rows.append(
+            sdpa_attention_forward(
+                module,
+                query[:, :, a:b],
+                keys,
+                values,
+                visible[None, None],
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=False,
+            )[0]
+        )
     return torch.cat(rows, dim=1), None
 
 
@@ -112,7 +141,7 @@ def share_common_prefix(inputs: dict, labels: torch.Tensor) -> tuple[dict, torch
         return None
     keep = torch.ones(positions.size(1), dtype=torch.bool, device=positions.device)
     for a in starts[1:]:
-        keep[a:a + shared] = False
+        keep[a : a + shared] = False
     return {name: value[:, keep] for name, value in inputs.items()}, labels[:, keep]
 
 

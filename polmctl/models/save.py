@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from polmctl.models.errors import ModelError
+from polmctl.errors import ModelError
 
 
 def _write(model, tokenizer, tmp: Path, merge_adapters: bool, heads: dict, sparsity) -> None:
@@ -26,8 +26,9 @@ def _write(model, tokenizer, tmp: Path, merge_adapters: bool, heads: dict, spars
         for name, head in heads.items():
             model.add_module(name, head)
     for name, head in heads.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
-                  str(tmp / f"{name}.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / f"{name}.safetensors")
+        )
 
 
 def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) -> None:
@@ -38,12 +39,16 @@ def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) ->
         if merge_adapters:
             config = model.active_peft_config
             if getattr(config.peft_type, "value", config.peft_type) != "LORA":
-                raise ModelError(f"cannot merge a {config.peft_type} adapter into the weights (only lora and dora "
-                                 "merge); save without merging (peft.merge_on_save=false)")
+                raise ModelError(
+                    f"cannot merge a {config.peft_type} adapter into the weights (only lora and dora "
+                    "merge); save without merging (peft.merge_on_save=false)"
+                )
             if getattr(model.get_base_model(), "is_quantized", False):
-                raise ModelError("merging adapters into a quantized base is not supported (it would need a "
-                                 "de-quantized copy of the base): save the adapter (peft.merge_on_save=false) and "
-                                 "merge it into a full-precision base later")
+                raise ModelError(
+                    "merging adapters into a quantized base is not supported (it would need a "
+                    "de-quantized copy of the base): save the adapter (peft.merge_on_save=false) and "
+                    "merge it into a full-precision base later"
+                )
             # A copy: the caller keeps training or evaluating the unmerged model.
             to_save = copy.deepcopy(model).merge_and_unload()
             if sparsity is not None:  # the merged LoRA update is dense
@@ -54,8 +59,9 @@ def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) ->
     tokenizer.save_pretrained(tmp)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False,
-               heads: dict | None = None, sparsity=None) -> Path:
+def save_model(
+    model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False, heads: dict | None = None, sparsity=None
+) -> Path:
     """Save ``model`` and ``tokenizer`` into ``out_dir``, atomically, replacing what was there.
 
     ``heads``, modules attached to the model only for training (PPO's value head), are left

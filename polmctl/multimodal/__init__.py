@@ -3,5 +3,6 @@
     polmctl run recipe=vlm_adapter
 
 model.py builds / loads the model, data.py turns picture-question rows into batches,
-evaluate.py scores answers, config.py is the ``method`` node; polmctl/runners/vlm.py runs it.
+evaluate.py scores answers; polmctl/methods/vlm.py is the ``method`` node and the training step,
+polmctl/runners/vlm.py runs it.
 """

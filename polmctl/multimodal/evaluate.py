@@ -40,19 +40,28 @@ def answer_accuracy(model, processor, rows: list[dict], *, batch_size: int, max_
     samples = []
     try:
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
+            chunk = rows[i : i + batch_size]
             prompts = [format_prompt(with_image_token(r["prompt"], processor.image_token), tokenizer) for r in chunk]
             images = [load_image(r["image"], f"eval row {i + k}") for k, r in enumerate(chunk)]
-            enc = processor(images=images, text=prompts, padding=True, return_tensors="pt",
-                            add_special_tokens=False).to(device)
+            enc = processor(
+                images=images, text=prompts, padding=True, return_tensors="pt", add_special_tokens=False
+            ).to(device)
             enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
             width = enc["input_ids"].shape[1]
             for row, completion in zip(chunk, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
                 predicted, answer = predicted_answer(completion, row.get("choices")), str(row["answer"]).strip().lower()
-                samples.append({"prompt": row["prompt"], "completion": completion, "predicted": predicted,
-                                "answer": answer, "correct": predicted == answer})
+                samples.append(
+                    {
+                        "prompt": row["prompt"],
+                        "completion": completion,
+                        "predicted": predicted,
+                        "answer": answer,
+                        "correct": predicted == answer,
+                    }
+                )
     finally:
         model.train(was_training)
         tokenizer.padding_side = side

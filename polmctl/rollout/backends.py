@@ -28,14 +28,24 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
-from polmctl.engine.errors import TrainingError
-from polmctl.rollout.generate import (_decode_without_cache, _prompt_learning, cut_completion, decoding_kwargs,
-                                      generation_mode, stop_criteria)
+from polmctl.errors import TrainingError
+from polmctl.models.forward import cache_keyword, is_prompt_learning
+from polmctl.rollout.generate import (
+    cut_completion,
+    decode_without_cache,
+    decoding_kwargs,
+    generation_mode,
+    stop_criteria,
+)
 
-VLLM_MISSING = ("method.generation_backend=vllm: vLLM is not installed; install it with "
-                "pip install 'polmctl[vllm]' (CUDA only), or use method.generation_backend=transformers")
-VLLM_NO_CUDA = ("method.generation_backend=vllm: vLLM needs a CUDA GPU and none is available; "
-                "use method.generation_backend=transformers")
+VLLM_MISSING = (
+    "method.generation_backend=vllm: vLLM is not installed; install it with "
+    "pip install 'polmctl[vllm]' (CUDA only), or use method.generation_backend=transformers"
+)
+VLLM_NO_CUDA = (
+    "method.generation_backend=vllm: vLLM needs a CUDA GPU and none is available; "
+    "use method.generation_backend=transformers"
+)
 
 
 class GenerationBackend(Protocol):
@@ -61,19 +71,23 @@ def _stop(options) -> list[str]:
 
 # -- transformers ---------------------------------------------------------------------------------
 
+
 def _forward_parameters(model) -> set[str]:
     """The keyword names the underlying transformers model's forward takes (through a peft wrapper)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
 
 
-def _cache_keyword(model) -> str:
-    # transformers 5.x renamed past_key_values to cache (5.24 accepts both, warning on the old name).
-    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
-
-
-def generate_groups(model, tokenizer, prompts: Sequence[str], samples_per_prompt: int, *, share_prefill: bool = True,
-                    stop: Sequence[str] = (), **generate_kwargs):
+def generate_groups(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    samples_per_prompt: int,
+    *,
+    share_prefill: bool = True,
+    stop: Sequence[str] = (),
+    **generate_kwargs,
+):
     """One ``model.generate`` call on every prompt repeated ``samples_per_prompt`` times
     (grouped), returning what it returns and the prompt width (the new tokens start there).
 
@@ -82,7 +96,7 @@ def generate_groups(model, tokenizer, prompts: Sequence[str], samples_per_prompt
     token as ``generate`` counts them), the cache is repeated G times along the batch, and
     ``generate`` gets the full repeated prompts with that cache, so it forwards only each row's
     last prompt token before decoding. Without it, every row prefills its own copy of the
-    prompt. Both give the same tokens and scores (tests/unit/test_generation_backends.py).
+    prompt. Both give the same tokens and scores (tests/rollout/test_backends.py).
     The model must be in eval mode and the tokenizer left-padding (``generation_mode``), and
     must not carry a prompt-learning adapter (their ``generate`` is wrong; see generate.py).
     """
@@ -93,21 +107,31 @@ def generate_groups(model, tokenizer, prompts: Sequence[str], samples_per_prompt
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     width = ids.shape[1]
-    kwargs = {"pad_token_id": tokenizer.pad_token_id, "stopping_criteria": stop_criteria(tokenizer, stop, width),
-              **generate_kwargs}
+    kwargs = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "stopping_criteria": stop_criteria(tokenizer, stop, width),
+        **generate_kwargs,
+    }
     # generate refuses a cache object next to a configured cache_implementation (static caches...).
     share = share_prefill and G > 1 and width > 1 and not getattr(model.generation_config, "cache_implementation", None)
     if share:
-        cache_keyword = _cache_keyword(model)
+        keyword = cache_keyword(model)
         cache = DynamicCache(config=model.config)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         prefill = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
-              **{cache_keyword: cache}, **prefill)
+        model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            **{keyword: cache},
+            **prefill,
+        )
         cache.batch_repeat_interleave(G)
-        kwargs[cache_keyword] = cache
-    out = model.generate(input_ids=ids.repeat_interleave(G, dim=0), attention_mask=mask.repeat_interleave(G, dim=0),
-                         **kwargs)
+        kwargs[keyword] = cache
+    out = model.generate(
+        input_ids=ids.repeat_interleave(G, dim=0), attention_mask=mask.repeat_interleave(G, dim=0), **kwargs
+    )
     return out, width
 
 
@@ -125,7 +149,7 @@ def _mergeable_lora_layers(model) -> list:
     from polmctl.models.fused_lora import FusedLoraVariant
 
     model = _unwrap(model)
-    if not (hasattr(model, "merge_adapter") and hasattr(model, "peft_config")) or _prompt_learning(model):
+    if not (hasattr(model, "merge_adapter") and hasattr(model, "peft_config")) or is_prompt_learning(model):
         return []
     base = model.get_base_model()
     if getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None:
@@ -195,36 +219,75 @@ class TransformersBackend:
         self.batch_size = batch_size
 
     def sample(self, model, tokenizer, prompts: list[str], samples_per_prompt: int, options) -> list[list[int]]:
-        return self.generate(model, tokenizer, prompts, samples_per_prompt, max_new_tokens=options.max_new_tokens,
-                             do_sample=True, temperature=options.temperature, top_p=options.top_p,
-                             top_k=getattr(options, "top_k", 0), stop=_stop(options),
-                             merge_adapters=getattr(options, "merge_adapters_for_sampling", True))
+        return self.generate(
+            model,
+            tokenizer,
+            prompts,
+            samples_per_prompt,
+            max_new_tokens=options.max_new_tokens,
+            do_sample=True,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=getattr(options, "top_k", 0),
+            stop=_stop(options),
+            merge_adapters=getattr(options, "merge_adapters_for_sampling", True),
+        )
 
     @torch.no_grad()
-    def generate(self, model, tokenizer, prompts: Sequence[str], samples_per_prompt: int = 1, *, max_new_tokens: int,
-                 do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 stop: Sequence[str] = (), merge_adapters: bool = True) -> list[list[int]]:
+    def generate(
+        self,
+        model,
+        tokenizer,
+        prompts: Sequence[str],
+        samples_per_prompt: int = 1,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Sequence[str] = (),
+        merge_adapters: bool = True,
+    ) -> list[list[int]]:
         """Like ``sample`` with every knob explicit (``do_sample=False``: greedy)."""
         G, stop = samples_per_prompt, list(stop)
         new_tokens: list[list[int]] = []
         with generation_mode(model, tokenizer) as device, merged_lora(model, merge_adapters):
-            if _prompt_learning(model):
-                # Prompt and prefix tuning decode without a KV cache (see _decode_without_cache), so
+            if is_prompt_learning(model):
+                # Prompt and prefix tuning decode without a KV cache (see decode_without_cache), so
                 # there is no prefill to share: every sample runs its own full forward passes.
                 expanded = [p for p in prompts for _ in range(G)]
-                return _decode_without_cache(model, tokenizer, expanded, max_new_tokens, len(expanded), device,
-                                             do_sample, temperature, top_p, stop, top_k)
+                return decode_without_cache(
+                    model,
+                    tokenizer,
+                    expanded,
+                    max_new_tokens,
+                    len(expanded),
+                    device,
+                    do_sample,
+                    temperature,
+                    top_p,
+                    stop,
+                    top_k,
+                )
             size = self.batch_size or max(len(prompts), 1)
             for i in range(0, len(prompts), size):
-                out, width = generate_groups(model, tokenizer, prompts[i : i + size], G,
-                                             share_prefill=self.share_prefill, stop=stop,
-                                             max_new_tokens=max_new_tokens,
-                                             **decoding_kwargs(do_sample, temperature, top_p, top_k))
+                out, width = generate_groups(
+                    model,
+                    tokenizer,
+                    prompts[i : i + size],
+                    G,
+                    share_prefill=self.share_prefill,
+                    stop=stop,
+                    max_new_tokens=max_new_tokens,
+                    **decoding_kwargs(do_sample, temperature, top_p, top_k),
+                )
                 new_tokens += [cut_completion(row.tolist(), tokenizer, stop) for row in out[:, width:]]
         return new_tokens
 
 
 # -- vLLM -----------------------------------------------------------------------------------------
+
 
 def _import_vllm():
     try:
@@ -254,18 +317,25 @@ class VLLMBackend:
 
     def sample(self, model, tokenizer, prompts: list[str], samples_per_prompt: int, options) -> list[list[int]]:
         model = _unwrap(model)
-        if _prompt_learning(model):
-            raise TrainingError("method.generation_backend=vllm cannot sample from prompt or prefix tuning "
-                                "adapters; use method.generation_backend=transformers")
+        if is_prompt_learning(model):
+            raise TrainingError(
+                "method.generation_backend=vllm cannot sample from prompt or prefix tuning "
+                "adapters; use method.generation_backend=transformers"
+            )
         if self.llm is None:
             self.llm = self._start(model)
         self._load_weights(model)
         stop = _stop(options)
         top_k = getattr(options, "top_k", 0)
-        params = self.vllm.SamplingParams(n=samples_per_prompt, temperature=options.temperature, top_p=options.top_p,
-                                          top_k=top_k if top_k > 0 else -1,  # -1: vLLM's "off"
-                                          max_tokens=options.max_new_tokens, stop=stop or None,
-                                          include_stop_str_in_output=True)
+        params = self.vllm.SamplingParams(
+            n=samples_per_prompt,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=top_k if top_k > 0 else -1,  # -1: vLLM's "off"
+            max_tokens=options.max_new_tokens,
+            stop=stop or None,
+            include_stop_str_in_output=True,
+        )
         # Token ids, not text: vLLM would tokenize text with special tokens (a BOS) that training never sees.
         requests = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)  # in request order
@@ -282,12 +352,16 @@ class VLLMBackend:
     def _start(self, model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if getattr(base, "hf_quantizer", None) is not None or getattr(base, "is_quantized", False):
-            raise TrainingError("method.generation_backend=vllm cannot take weights from a quantized policy "
-                                "(model.quantization); use method.generation_backend=transformers")
+            raise TrainingError(
+                "method.generation_backend=vllm cannot take weights from a quantized policy "
+                "(model.quantization); use method.generation_backend=transformers"
+            )
         path = getattr(base.config, "_name_or_path", "") or getattr(base, "name_or_path", "")
         if not path:
-            raise TrainingError("method.generation_backend=vllm needs the policy's model dir to start vLLM from, "
-                                "and this model has none; use method.generation_backend=transformers")
+            raise TrainingError(
+                "method.generation_backend=vllm needs the policy's model dir to start vLLM from, "
+                "and this model has none; use method.generation_backend=transformers"
+            )
         # The external launcher runs vLLM's engine and its one worker in this process (TRL's
         # colocate mode); it needs in-process engine core and torch.distributed's env:// variables,
         # which accelerate/torchrun set when they launched us and which default to one process here.
@@ -297,11 +371,17 @@ class VLLMBackend:
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        return self.vllm.LLM(model=path, dtype=dtype, gpu_memory_utilization=self.gpu_memory_utilization,
-                             max_model_len=self.max_model_len, distributed_executor_backend="external_launcher",
-                             seed=int(torch.initial_seed() % 2**31), enable_prefix_caching=True,
-                             # vLLM v1's memory profiler misjudges the default (TRL sets the same)
-                             max_num_batched_tokens=4096)
+        return self.vllm.LLM(
+            model=path,
+            dtype=dtype,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+            distributed_executor_backend="external_launcher",
+            seed=int(torch.initial_seed() % 2**31),
+            enable_prefix_caching=True,
+            # vLLM v1's memory profiler misjudges the default (TRL sets the same)
+            max_num_batched_tokens=4096,
+        )
 
     @torch.no_grad()
     def _load_weights(self, model) -> None:

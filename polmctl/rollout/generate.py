@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from polmctl.models.forward import is_prompt_learning
+
 
 def draw_tokens(scores: torch.Tensor) -> torch.Tensor:
     """One token per row of ``scores`` ([B, V] logits, -inf where excluded), drawn from their
@@ -25,7 +27,7 @@ def draw_tokens(scores: torch.Tensor) -> torch.Tensor:
     Written by hand because ``torch.multinomial``, what ``generate``'s sampling calls, draws an
     exponential for every vocabulary entry: on CPU 60+ ms per step for 64 rows of SmolLM2's
     49k vocabulary, a third of a rollout's time, against ~4 ms for the softmax and cumulative
-    sum here. Same distribution (tests/unit/test_generate.py checks the frequencies); a token of
+    sum here. Same distribution (tests/rollout/test_generate.py checks the frequencies); a token of
     probability 0 is never drawn (its step of the CDF is flat)."""
     cdf = scores.float().softmax(dim=-1).cumsum(dim=-1)
     u = torch.rand(cdf.size(0), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
@@ -64,19 +66,27 @@ def decoding_kwargs(do_sample: bool, temperature: float = 1.0, top_p: float = 1.
         return {"do_sample": False}
     from transformers import LogitsProcessorList
 
-    return {"do_sample": False,
-            "logits_processor": LogitsProcessorList(sampling_warpers(temperature, top_p, top_k) + [_DrawNextToken()])}
-
-
-def _prompt_learning(model) -> bool:
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
+    return {
+        "do_sample": False,
+        "logits_processor": LogitsProcessorList(sampling_warpers(temperature, top_p, top_k) + [_DrawNextToken()]),
+    }
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             decode: bool = True, stop: Sequence[str] = ()) -> list[str] | list[list[int]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    decode: bool = True,
+    stop: Sequence[str] = (),
+) -> list[str] | list[list[int]]:
     """Completions for ``prompts``, in order: text without special tokens, or (``decode=False``)
     the new token ids up to and including the end-of-sequence token, or up to the end of the
     first stop string in ``stop``."""
@@ -84,16 +94,33 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     decoding = decoding_kwargs(do_sample, temperature, top_p, top_k)
     new_tokens: list[list[int]] = []
     with generation_mode(model, tokenizer) as device:
-        if _prompt_learning(model):
-            new_tokens = _decode_without_cache(model, tokenizer, prompts, max_new_tokens, batch_size, device,
-                                               do_sample, temperature, top_p, stop, top_k)
+        if is_prompt_learning(model):
+            new_tokens = decode_without_cache(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens,
+                batch_size,
+                device,
+                do_sample,
+                temperature,
+                top_p,
+                stop,
+                top_k,
+            )
         else:
             for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
+                enc = tokenizer(
+                    list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
                 width = enc["input_ids"].shape[1]
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     stopping_criteria=stop_criteria(tokenizer, stop, width), **decoding)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=stop_criteria(tokenizer, stop, width),
+                    **decoding,
+                )
                 new_tokens += [cut_completion(row.tolist(), tokenizer, stop) for row in out[:, width:]]
     if decode:
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -157,7 +184,7 @@ class _CompletionStopStrings:
         self.prompt_width = prompt_width
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        return self.criteria(input_ids[:, self.prompt_width:], scores, **kwargs)
+        return self.criteria(input_ids[:, self.prompt_width :], scores, **kwargs)
 
 
 def stop_criteria(tokenizer, stop: Sequence[str], prompt_width: int):
@@ -169,15 +196,26 @@ def stop_criteria(tokenizer, stop: Sequence[str], prompt_width: int):
     return StoppingCriteriaList([_CompletionStopStrings(tokenizer, stop, prompt_width)])
 
 
-def _decode_without_cache(model, tokenizer, prompts, max_new_tokens, batch_size, device, do_sample, temperature,
-                          top_p, stop: Sequence[str] = (), top_k: int = 0) -> list[list[int]]:
+def decode_without_cache(
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens,
+    batch_size,
+    device,
+    do_sample,
+    temperature,
+    top_p,
+    stop: Sequence[str] = (),
+    top_k: int = 0,
+) -> list[list[int]]:
     """Decoding with a full forward pass per new token, for prompt and prefix tuning.
 
     Written by hand because ``PeftModel.generate`` is wrong for these adapters with
     peft 0.21.2 + transformers 5.24 (peft still speaks ``past_key_values`` to a generate
     that passes ``cache``): prompt tuning re-injects its soft prompt at every cached step,
     and prefix tuning loses its prefix after the first step, with or without a KV cache
-    (tests/unit/test_models_adapters.py keeps strict xfails that fail once that is fixed).
+    (tests/models/test_adapters.py keeps strict xfails that fail once that is fixed).
     Prompts are batched only with prompts of the same token length, so no row is padded
     and every position is where training put it. O(length^2) per prompt: slower, right.
     A row ends at the end-of-sequence token or at the end of a stop string in ``stop``.

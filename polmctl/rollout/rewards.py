@@ -36,12 +36,9 @@ import torch
 from polmctl.data.builtin.answers import ANY_NUMBER, extract_answer, normalise_number
 from polmctl.data.formats import format_completion, format_prompt
 from polmctl.data.preference import pad_sequences
+from polmctl.errors import RewardError
 
 RewardFn = Callable[..., Sequence[float]]
-
-
-class RewardError(ValueError):
-    """A reward function failed or returned something other than one finite number per completion."""
 
 
 # --- verifiable rewards ------------------------------------------------------------------
@@ -92,8 +89,10 @@ def _canonical(answer: Any) -> str:
 def math_answer(prompts: list[str], completions: list[str], answer: list, **_) -> list[float]:
     """1.0 where the completion's ``final_answer`` equals the ground-truth ``answer`` column
     (numerically when both are numbers, else as stripped text), else 0.0."""
-    return [float(found is not None and _canonical(found) == _canonical(truth))
-            for found, truth in zip(map(final_answer, completions), answer)]
+    return [
+        float(found is not None and _canonical(found) == _canonical(truth))
+        for found, truth in zip(map(final_answer, completions), answer)
+    ]
 
 
 def format_reward(prompts: list[str], completions: list[str], **_) -> list[float]:
@@ -110,6 +109,7 @@ def length_penalty(prompts: list[str], completions: list[str], *, target: int = 
 
 # --- a trained reward model ----------------------------------------------------------------
 
+
 class RewardModelScorer:
     """A reward model trained by ``recipe=reward_model`` as a reward function: it scores each
     (prompt, completion) on exactly the token ids training built (``format_prompt`` +
@@ -119,23 +119,28 @@ class RewardModelScorer:
         from pathlib import Path
 
         from polmctl.config.schema import ModelConfig
-        from polmctl.models import ModelError, load_model, load_tokenizer, model_head, resolve_model_path
+        from polmctl.errors import ModelError
+        from polmctl.models import load_model, load_tokenizer, model_head, resolve_model_path
 
         cfg = ModelConfig(name_or_path=path)
         resolved = resolve_model_path(path)
         # A causal LM would load with a fresh, random score head: refuse it rather than train on noise.
         # (Hub ids cannot be checked without downloading, so only local dirs are.)
         if Path(resolved).is_dir() and model_head(resolved) != "reward":
-            raise ModelError(f"{path} holds a causal LM, not a reward model; point the reward_model reward at the "
-                             "final/ (or run dir) of a recipe=reward_model run")
+            raise ModelError(
+                f"{path} holds a causal LM, not a reward model; point the reward_model reward at the "
+                "final/ (or run dir) of a recipe=reward_model run"
+            )
         self.tokenizer = load_tokenizer(cfg)
-        self.model = load_model(cfg, device=device, for_training=False, head="reward",
-                                pad_token_id=self.tokenizer.pad_token_id)
+        self.model = load_model(
+            cfg, device=device, for_training=False, head="reward", pad_token_id=self.tokenizer.pad_token_id
+        )
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
 
     def encode(self, prompt, completion) -> list[int]:
-        """The ids training scores for this pair: the rendered prompt, then the completion with its end-of-turn marker."""
+        """The ids training scores for this pair: the rendered prompt, then the completion with its
+        end-of-turn marker."""
         tok = self.tokenizer
         prompt_ids = tok(format_prompt(prompt, tok), add_special_tokens=False)["input_ids"]
         return prompt_ids + tok(format_completion(prompt, completion, tok), add_special_tokens=False)["input_ids"]
@@ -147,8 +152,11 @@ class RewardModelScorer:
         for i in range(0, len(ids), self.batch_size):
             chunk = ids[i : i + self.batch_size]
             batch = pad_sequences(chunk, chunk, self.tokenizer.pad_token_id)
-            out = self.model(input_ids=batch["input_ids"].to(self.device),
-                             attention_mask=batch["attention_mask"].to(self.device), use_cache=False)
+            out = self.model(
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device),
+                use_cache=False,
+            )
             scores += out.logits[:, 0].float().tolist()
         return scores
 
@@ -177,14 +185,17 @@ def _as_dict(spec: Any) -> dict:
         return OmegaConf.to_container(spec, resolve=True)
     if isinstance(spec, dict):
         return dict(spec)
-    raise ValueError(f"a reward is a registry name or a mapping with name or _target_, got {type(spec).__name__} "
-                     f"{spec!r:.80}")
+    raise ValueError(
+        f"a reward is a registry name or a mapping with name or _target_, got {type(spec).__name__} {spec!r:.80}"
+    )
 
 
 def _unknown(name: Any) -> ValueError:
     known = ", ".join(sorted({**REWARD_FUNCTIONS, **REWARD_FACTORIES}))
-    return ValueError(f"unknown reward {name!r}; known rewards: {known}; or give your own function as "
-                      "_target_: package.module.function")
+    return ValueError(
+        f"unknown reward {name!r}; known rewards: {known}; or give your own function as "
+        "_target_: package.module.function"
+    )
 
 
 def _build(name: str, factory: Callable, build_args: dict) -> RewardFn:
@@ -192,8 +203,10 @@ def _build(name: str, factory: Callable, build_args: dict) -> RewardFn:
         built = factory(**build_args)
     except TypeError as err:
         args = ", ".join(f"{k}={v!r}" for k, v in build_args.items())
-        raise ValueError(f"cannot build reward {name!r} as {getattr(factory, '__name__', factory)}({args}): {err}; "
-                         "a reward function's own keyword arguments go under kwargs:") from None
+        raise ValueError(
+            f"cannot build reward {name!r} as {getattr(factory, '__name__', factory)}({args}): {err}; "
+            "a reward function's own keyword arguments go under kwargs:"
+        ) from None
     if not callable(built):
         raise ValueError(f"reward {name!r}: its factory returned a {type(built).__name__}, not a callable")
     return built
@@ -214,7 +227,9 @@ def resolve_reward(spec: Any) -> tuple[str, RewardFn]:
         try:
             obj = get_object(target)
         except Exception as err:  # hydra raises ImportError, or ValueError for a malformed path
-            raise ValueError(f"reward _target_ {target!r} cannot be imported: {str(err).strip().splitlines()[0]}") from None
+            raise ValueError(
+                f"reward _target_ {target!r} cannot be imported: {str(err).strip().splitlines()[0]}"
+            ) from None
         name = spec.get("name") or target.rsplit(".", 1)[-1]
         if inspect.isclass(obj) or build_args:
             fn = _build(name, obj, build_args)
@@ -228,8 +243,10 @@ def resolve_reward(spec: Any) -> tuple[str, RewardFn]:
             fn = _build(name, REWARD_FACTORIES[name], build_args)
         elif name in REWARD_FUNCTIONS:
             if build_args:
-                raise ValueError(f"reward {name!r} takes no build arguments ({', '.join(build_args)}); pass its "
-                                 "keyword arguments under kwargs:, e.g. {name: length_penalty, kwargs: {target: 100}}")
+                raise ValueError(
+                    f"reward {name!r} takes no build arguments ({', '.join(build_args)}); pass its "
+                    "keyword arguments under kwargs:, e.g. {name: length_penalty, kwargs: {target: 100}}"
+                )
             fn = REWARD_FUNCTIONS[name]
         else:
             raise _unknown(name)
@@ -249,14 +266,18 @@ def _weight(spec: Any) -> float:
 
 # --- combining rewards ----------------------------------------------------------------------
 
+
 def _missing_columns(fn: RewardFn, columns: dict) -> list[str]:
     """The parameters ``fn`` requires after (prompts, completions) that ``columns`` does not supply."""
     try:
         params = list(inspect.signature(fn).parameters.values())[2:]
     except (TypeError, ValueError):  # some callables have no signature
         return []
-    return [p.name for p in params if p.default is p.empty and p.name not in columns
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in params
+        if p.default is p.empty and p.name not in columns and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 class CombinedReward:
@@ -268,8 +289,10 @@ class CombinedReward:
         names = [name for name, _, _ in rewards]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:  # per-function values are logged by name
-            raise ValueError(f"reward names must be unique; {', '.join(duplicated)} appears more than once. Give "
-                             "one another name: {_target_: polmctl.rollout.rewards.<function>, name: <new name>}")
+            raise ValueError(
+                f"reward names must be unique; {', '.join(duplicated)} appears more than once. Give "
+                "one another name: {_target_: polmctl.rollout.rewards.<function>, name: <new name>}"
+            )
         self.rewards = list(rewards)
 
     @classmethod
@@ -284,8 +307,10 @@ class CombinedReward:
         except Exception as err:
             missing = _missing_columns(fn, columns) if isinstance(err, TypeError) else []
             if missing:
-                raise RewardError(f"{where} needs the column {missing[0]!r}, which the data lacks (columns: "
-                                  f"{', '.join(sorted(columns)) or 'none'})") from err
+                raise RewardError(
+                    f"{where} needs the column {missing[0]!r}, which the data lacks (columns: "
+                    f"{', '.join(sorted(columns)) or 'none'})"
+                ) from err
             first_line = (str(err).strip().splitlines() or [""])[0]
             raise RewardError(f"{where} raised {type(err).__name__}: {first_line}") from err
         if hasattr(values, "tolist"):  # a tensor or numpy array
@@ -301,11 +326,14 @@ class CombinedReward:
                 raise RewardError(f"{where} returned {v} at index {i}; rewards must be finite")
         return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
-    def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None,
-                 batch_index: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None, batch_index: int = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, per_function)``: the weighted sum per completion, and each function's raw
         (unweighted) values, for logging."""
-        per_function = {name: self._values(name, fn, prompts, completions, columns or {}, batch_index)
-                        for name, fn, _ in self.rewards}
+        per_function = {
+            name: self._values(name, fn, prompts, completions, columns or {}, batch_index)
+            for name, fn, _ in self.rewards
+        }
         total = sum(weight * per_function[name] for name, _, weight in self.rewards)
         return total, per_function

@@ -1,4 +1,5 @@
-"""Runners by name (the ``runner`` config key). A runner loads, applies, writes; nothing more."""
+"""Runners by name; a method's row in polmctl/methods/registry.py names its runner. A runner loads,
+applies, writes; nothing more."""
 
 from __future__ import annotations
 

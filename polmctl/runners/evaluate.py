@@ -1,35 +1,41 @@
 """The evaluate runner: load a model (or a run dir's final/), run the eval tasks, write summary.json.
 
-    polmctl eval outputs/lora/2026-11-24/10-00-00
-    polmctl eval model=smollm2-135m eval.tasks=[arithmetic,perplexity]
+polmctl eval outputs/lora/2026-11-24/10-00-00
+polmctl eval model=smollm2-135m eval.tasks=[arithmetic,perplexity]
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from polmctl.config.schema import RunConfig
+from polmctl.console import console
 from polmctl.engine.device import run_device
-from polmctl.engine.metrics import write_json
-from polmctl.engine.progress import console, summary_table
 from polmctl.evals import run_evals
 from polmctl.models import load_model, load_tokenizer
+from polmctl.runners.common import begin, finish
 
 
 def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = begin(cfg, "evaluate")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, device=run_device(cfg.trainer), for_training=False, pad_token_id=tokenizer.pad_token_id)
+    model = load_model(
+        cfg.model, device=run_device(cfg.trainer), for_training=False, pad_token_id=tokenizer.pad_token_id
+    )
     with console.status(f"evaluating {cfg.model.name_or_path}: {', '.join(cfg.eval.tasks)}"):
         results = run_evals(model, tokenizer, cfg.eval, cfg.data, run_dir / "eval")
-    summary = {"model": cfg.model.name_or_path, "run_dir": str(run_dir), "status": "completed",
-               "wall_time_s": time.perf_counter() - started, "eval": results}
-    write_json(run_dir / "summary.json", summary)
-    rows = {f"{task}/{k}": v for task, m in results.items() for k, v in m.items()}
-    console.print(summary_table(f"eval: {cfg.model.name_or_path}", rows))
-    return summary
-
+    summary = {
+        "model": cfg.model.name_or_path,
+        "run_dir": str(run_dir),
+        "status": "completed",
+        "wall_time_s": time.perf_counter() - started,
+        "eval": results,
+    }
+    return finish(
+        run_dir,
+        summary,
+        f"eval: {cfg.model.name_or_path}",
+        {f"{task}/{k}": v for task, m in results.items() for k, v in m.items()},
+    )

@@ -25,22 +25,25 @@ from typing import Any
 
 import torch
 
-from polmctl.config.schema import ConfigError, ModelConfig, RunConfig
-from polmctl.config.validate import require_method
+from polmctl.config.schema import ModelConfig, RunConfig
+from polmctl.console import console
 from polmctl.engine.device import run_device
-from polmctl.engine.metrics import peak_memory_mb, write_json
-from polmctl.engine.progress import console, summary_table
+from polmctl.engine.metrics import peak_memory_mb
 from polmctl.evals import evaluate_run
 from polmctl.merge.merge import merge_models
 from polmctl.models import load_model, load_tokenizer
+from polmctl.runners.common import begin, finish
 
 
 def run_merge(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     m = cfg.method
-    _check_config(cfg)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = begin(
+        cfg,
+        "merge",
+        no_adapters="merging trains no adapters; use peft=none",
+        full_precision="merging reads full-precision weights; use model.quantization=none",
+    )
     device = run_device(cfg.trainer)
 
     with console.status(f"merging {len(m.models)} models ({m.merge})"):
@@ -56,39 +59,37 @@ def run_merge(cfg: RunConfig) -> dict[str, Any]:
     after = _evaluate(cfg, str(final), device, run_dir, "merged") if cfg.eval.tasks else None
 
     summary = {
-        "recipe": cfg.recipe.name, "run_dir": str(run_dir), "status": "completed", "merge": m.merge,
-        "merged_dir": str(final), **merged,
+        "recipe": cfg.recipe.name,
+        "run_dir": str(run_dir),
+        "status": "completed",
+        "merge": m.merge,
+        "merged_dir": str(final),
+        **merged,
         "density": m.density if m.merge in ("ties", "dare_linear", "dare_ties") else None,
         "slerp_t": m.slerp_t if m.merge == "slerp" else None,
         "eval": {"merged": after, "sources": sources or None},
-        "merge_time_s": merge_time, "merge_peak_rss_mb": merge_memory, "wall_time_s": time.perf_counter() - started,
+        "merge_time_s": merge_time,
+        "merge_peak_rss_mb": merge_memory,
+        "wall_time_s": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(torch.device(device)),
     }
-    write_json(run_dir / "summary.json", summary)
-    console.print(summary_table(f"{cfg.recipe.name} summary ({m.merge})", _table_rows(summary)))
-    console.print(f"run dir: {run_dir}", highlight=False, soft_wrap=True)
-    return summary
+    return finish(run_dir, summary, f"{cfg.recipe.name} summary ({m.merge})", _table_rows(summary))
 
 
 def _evaluate(cfg: RunConfig, path: str, device: str, run_dir: Path, tag: str) -> dict | None:
-    model_cfg = ModelConfig(name_or_path=path, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
-                            trust_remote_code=cfg.model.trust_remote_code,
-                            attn_implementation=cfg.model.attn_implementation)
+    model_cfg = ModelConfig(
+        name_or_path=path,
+        dtype=cfg.model.dtype,
+        cache_dir=cfg.model.cache_dir,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, device=device, for_training=False, pad_token_id=tokenizer.pad_token_id)
     results = evaluate_run(cfg, model, tokenizer, run_dir, tag)
     del model
     gc.collect()
     return results
-
-
-def _check_config(cfg: RunConfig) -> None:
-    """What the method schema cannot see: the rest of the run must fit a merge."""
-    require_method(cfg, "merge")
-    if cfg.peft.method != "none":
-        raise ConfigError("peft.method", f"merging trains no adapters, got {cfg.peft.method!r}; use peft=none")
-    if cfg.model.quantization != "none":
-        raise ConfigError("model.quantization", "merging reads full-precision weights; use model.quantization=none")
 
 
 def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
@@ -102,10 +103,10 @@ def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
             if metric in ("n", "tokens"):
                 continue
             before = [f"{s.get(task, {}).get(metric, float('nan')):.4g}" for s in sources.values()]
-            rows[f"{task}/{metric}" + (" sources -> merged" if before else "")] = \
-                (" / ".join(before) + " -> " if before else "") + f"{value:.4g}"
+            rows[f"{task}/{metric}" + (" sources -> merged" if before else "")] = (
+                " / ".join(before) + " -> " if before else ""
+            ) + f"{value:.4g}"
     rows["merge_time_s"] = summary["merge_time_s"]
     rows["merge peak RSS"] = f"{summary['merge_peak_rss_mb']:.0f} MB"
     rows["wall_time_s"] = summary["wall_time_s"]
     return rows
-

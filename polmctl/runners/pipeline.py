@@ -5,9 +5,10 @@
     polmctl run recipe=compress resume=auto hydra.run.dir=outputs/compress/<date>/<time>   # go on
 
 Stages, their ``${stage:NAME.KEY}`` references and what each stage's overrides are: see
-``polmctl.pipeline``. Every stage is composed with Hydra's compose API and validated before the
-first one runs (references filled in with the paths the stages will write), so a typo in stage 3
-fails at once, not after stage 2 has trained (a quantize stage's backend library is checked then too). Each stage then runs in-process with its own
+``polmctl.methods.pipeline``. Every stage is composed with Hydra's compose API and validated
+before the first one runs (references filled in with the paths the stages will write), so a typo
+in stage 3 fails at once, not after stage 2 has trained (a quantize stage's backend library is
+checked then too). Each stage then runs in-process with its own
 runner (``polmctl.runners.RUNNERS``) into ``<run dir>/<N>-<name>/``, which holds what that
 runner always writes (summary.json, final/, ...) plus ``.hydra/config.yaml`` and
 ``.hydra/overrides.yaml`` (what it was composed from, so ``polmctl eval <stage dir>`` works as
@@ -42,23 +43,30 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from polmctl.config.schema import ConfigError, RunConfig
-from polmctl.config.validate import require_method
-from polmctl.engine.errors import TrainingError
+from polmctl.config.schema import RunConfig
+from polmctl.console import console
 from polmctl.engine.metrics import write_json
-from polmctl.engine.progress import console, summary_table
-from polmctl.pipeline import PipelineMethod, outputs_of, override_key, stage_dir, stage_overrides
+from polmctl.engine.progress import summary_table
+from polmctl.errors import ConfigError, TrainingError
+from polmctl.methods.pipeline import PipelineMethod, outputs_of, override_key, stage_dir, stage_overrides
+from polmctl.validate import require_method, runner_of
 
 # Pipeline-level keys a pipeline reads itself; any other command-line override would reach no stage.
-OWN_KEYS = ("recipe", "runner", "model", "model.name_or_path", "method", "output_dir", "resume")
+OWN_KEYS = ("recipe", "model", "model.name_or_path", "method", "output_dir", "resume")
 # Headline numbers shown in the table when a stage's summary has them (all of them go to summary.json):
 # label -> key, or (before key, after key) shown as "before -> after".
-TABLE_KEYS = {"steps": "steps", "final loss": "final_loss", "tokens/s": "tokens_per_s",
-              "sparsity": "sparsity.overall", "layers": ("layers.before", "layers.after"),
-              "params": ("params.before", "params.after"),
-              "calibration ppl": ("calibration.perplexity_before", "calibration.perplexity_after"),
-              "size on disk ratio": "size_on_disk_bytes.ratio", "param memory ratio": "param_memory_bytes.ratio",
-              "tokens/s ratio": "tokens_per_s.ratio"}
+TABLE_KEYS = {
+    "steps": "steps",
+    "final loss": "final_loss",
+    "tokens/s": "tokens_per_s",
+    "sparsity": "sparsity.overall",
+    "layers": ("layers.before", "layers.after"),
+    "params": ("params.before", "params.after"),
+    "calibration ppl": ("calibration.perplexity_before", "calibration.perplexity_after"),
+    "size on disk ratio": "size_on_disk_bytes.ratio",
+    "param memory ratio": "param_memory_bytes.ratio",
+    "tokens/s ratio": "tokens_per_s.ratio",
+}
 SKIP_IN_HEADLINE = ("eval", "data", "generation", "quantized_layers", "resumed_from")
 
 
@@ -88,27 +96,44 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
 
     entries = [_entry(p) for p in plan]
     summary: dict[str, Any] = {
-        "recipe": cfg.recipe.name, "runner": "pipeline", "run_dir": str(run_dir), "status": "running",
-        "model": cfg.model.name_or_path, "common": list(m.common), "resumed": resume, "skipped": [],
-        "failed_stage": None, "final": None, "wall_time_s": 0.0, "stages": entries,
+        "recipe": cfg.recipe.name,
+        "runner": "pipeline",
+        "run_dir": str(run_dir),
+        "status": "running",
+        "model": cfg.model.name_or_path,
+        "common": list(m.common),
+        "resumed": resume,
+        "skipped": [],
+        "failed_stage": None,
+        "final": None,
+        "wall_time_s": 0.0,
+        "stages": entries,
     }
-    console.print(f"[bold]pipeline[/] {cfg.recipe.name}: {len(plan)} stages, "
-                  f"{' -> '.join(f'{p.name} ({p.recipe})' for p in plan)}; run dir {run_dir}", highlight=False)
+    console.print(
+        f"[bold]pipeline[/] {cfg.recipe.name}: {len(plan)} stages, "
+        f"{' -> '.join(f'{p.name} ({p.recipe})' for p in plan)}; run dir {run_dir}",
+        highlight=False,
+    )
 
     skipping = resume  # until the first unfinished stage: every stage after it runs again, on its new input
     for planned, entry in zip(plan, entries):
-        title = f"stage {planned.index + 1}/{len(plan)}: {planned.name} (recipe={planned.recipe}, " \
-                f"runner={planned.runner})"
+        title = (
+            f"stage {planned.index + 1}/{len(plan)}: {planned.name} (recipe={planned.recipe}, runner={planned.runner})"
+        )
         done = _completed_summary(planned.dir) if skipping else None
         if done is not None:
-            console.print(f"[bold]{title}[/]: completed earlier ({planned.dir / 'summary.json'}), skipped",
-                          highlight=False)
+            console.print(
+                f"[bold]{title}[/]: completed earlier ({planned.dir / 'summary.json'}), skipped", highlight=False
+            )
             _fill(entry, done, skipped=True)
             ran_with = _recorded_overrides(planned.dir)
             if ran_with is not None and ran_with != planned.overrides:
                 entry["overrides"] = ran_with
-                console.print(f"  note: it ran with other overrides than this config gives it now; delete "
-                              f"{planned.dir} to run it again", highlight=False)
+                console.print(
+                    f"  note: it ran with other overrides than this config gives it now; delete "
+                    f"{planned.dir} to run it again",
+                    highlight=False,
+                )
             summary["skipped"].append(planned.name)
             continue
         # Only the first unfinished stage continues from its checkpoints: a later one's were trained on
@@ -124,7 +149,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             _write_hydra_files(planned, dcfg, resume_stage)
             from polmctl.runners import RUNNERS
 
-            result = RUNNERS[run.runner](run)
+            result = RUNNERS[runner_of(run)](run)
         except KeyboardInterrupt:
             _fail(summary, entry, run_dir, started, stage_started, "interrupted", "interrupted (KeyboardInterrupt)")
             raise
@@ -133,9 +158,11 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             (planned.dir).mkdir(parents=True, exist_ok=True)
             (planned.dir / "error.log").write_text(traceback.format_exc())
             _fail(summary, entry, run_dir, started, stage_started, "failed", reason)
-            raise StageError(f"stage {planned.index + 1}/{len(plan)} {planned.name!r} (recipe={planned.recipe}) "
-                             f"failed: {reason} (stage run dir: {planned.dir}); fix it and rerun with resume=auto "
-                             f"output_dir={run_dir}") from err
+            raise StageError(
+                f"stage {planned.index + 1}/{len(plan)} {planned.name!r} (recipe={planned.recipe}) "
+                f"failed: {reason} (stage run dir: {planned.dir}); fix it and rerun with resume=auto "
+                f"output_dir={run_dir}"
+            ) from err
         finally:
             _release_memory()
         _fill(entry, result if isinstance(result, dict) else _completed_summary(planned.dir) or {}, skipped=False)
@@ -155,30 +182,27 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
 
 # -- planning: compose + validate every stage up front -------------------------------------------
 
+
 def plan_stages(cfg: RunConfig) -> list[PlannedStage]:
     """Compose and validate every stage, references filled in; a ConfigError names the stage."""
-    from polmctl.runners import RUNNERS
-
     m: PipelineMethod = cfg.method
     m.check("method")  # also when the RunConfig was built without validate()
     outputs: dict[str, dict[str, str]] = {}
     plan = []
     for i, stage in enumerate(m.stages):
         overrides = stage_overrides(m, i, cfg.output_dir, cfg.model.name_or_path, outputs)
-        planned = PlannedStage(i, stage.name, stage.recipe, "", stage_dir(cfg.output_dir, i, stage.name), "",
-                               overrides)
+        planned = PlannedStage(i, stage.name, stage.recipe, "", stage_dir(cfg.output_dir, i, stage.name), "", overrides)
         _, run = _compose(planned)
-        if run.runner == "pipeline":
-            raise ConfigError(f"method.stages.{i}.recipe", f"stage {stage.name!r}: recipe={stage.recipe} is a "
-                                                           "pipeline itself; list its stages here instead")
-        if run.runner not in RUNNERS:
-            raise ConfigError(f"method.stages.{i}", f"stage {stage.name!r} (recipe={stage.recipe}): runner "
-                                                    f"{run.runner!r} is not one of {', '.join(RUNNERS)}")
+        if runner_of(run) == "pipeline":
+            raise ConfigError(
+                f"method.stages.{i}.recipe",
+                f"stage {stage.name!r}: recipe={stage.recipe} is a pipeline itself; list its stages here instead",
+            )
         try:
             _preflight(run)
         except ConfigError as err:
             raise ConfigError(f"method.stages.{i}", f"stage {stage.name!r} (recipe={stage.recipe}): {err}") from None
-        planned.runner, planned.model = run.runner, run.model.name_or_path
+        planned.runner, planned.model = runner_of(run), run.model.name_or_path
         outputs[stage.name] = outputs_of(cfg.output_dir, i, stage.name, run.model.name_or_path)
         plan.append(planned)
     return plan
@@ -187,7 +211,7 @@ def plan_stages(cfg: RunConfig) -> list[PlannedStage]:
 def _preflight(run: RunConfig) -> None:
     """What a stage's runner checks before it loads anything, checked before the first stage runs: a
     quantize stage's missing library fails now, not after the training stages before it."""
-    if run.runner == "quantize":
+    if runner_of(run) == "quantize":
         import torch
 
         from polmctl.compress.quantize import check_backend
@@ -197,8 +221,8 @@ def _preflight(run: RunConfig) -> None:
 
 
 def _compose(planned: PlannedStage, resume: bool = False) -> tuple[DictConfig, RunConfig]:
-    from polmctl.config.compose import compose_config
-    from polmctl.config.validate import validate
+    from polmctl.compose import compose_config
+    from polmctl.validate import validate
 
     overrides = planned.overrides + (["resume=auto"] if resume else [])
     where = f"stage {planned.name!r} (recipe={planned.recipe})"
@@ -237,8 +261,11 @@ def _check_config(cfg: RunConfig) -> None:
         key = override_key(override)
         if key in OWN_KEYS or key.startswith("method."):
             continue
-        raise ConfigError(key, f"{override} reaches no stage of a pipeline; pass it to every stage with "
-                               f"\"method.common=['{override}']\" (or to one in method.stages.N.overrides)")
+        raise ConfigError(
+            key,
+            f"{override} reaches no stage of a pipeline; pass it to every stage with "
+            f"\"method.common=['{override}']\" (or to one in method.stages.N.overrides)",
+        )
 
 
 def _command_line(cfg: RunConfig) -> list[str]:
@@ -258,10 +285,23 @@ def _command_line(cfg: RunConfig) -> list[str]:
 
 # -- one stage's record ------------------------------------------------------------------------
 
+
 def _entry(p: PlannedStage) -> dict[str, Any]:
-    return {"name": p.name, "recipe": p.recipe, "runner": p.runner, "run_dir": str(p.dir), "status": "pending",
-            "skipped": False, "model": p.model, "final": None, "wall_time_s": None, "overrides": p.overrides,
-            "eval": {"before": None, "after": None}, "metrics": {}, "error": None}
+    return {
+        "name": p.name,
+        "recipe": p.recipe,
+        "runner": p.runner,
+        "run_dir": str(p.dir),
+        "status": "pending",
+        "skipped": False,
+        "model": p.model,
+        "final": None,
+        "wall_time_s": None,
+        "overrides": p.overrides,
+        "eval": {"before": None, "after": None},
+        "metrics": {},
+        "error": None,
+    }
 
 
 def _completed_summary(path: Path) -> dict[str, Any] | None:
@@ -283,10 +323,14 @@ def _recorded_overrides(path: Path) -> list[str] | None:
 
 def _fill(entry: dict[str, Any], stage_summary: dict[str, Any], skipped: bool) -> None:
     final = Path(entry["run_dir"]) / "final"
-    entry.update(status="completed", skipped=skipped, final=str(final) if final.exists() else None,
-                 wall_time_s=stage_summary.get("wall_time_s"),
-                 eval=_eval_of(stage_summary),
-                 metrics=headline(stage_summary))
+    entry.update(
+        status="completed",
+        skipped=skipped,
+        final=str(final) if final.exists() else None,
+        wall_time_s=stage_summary.get("wall_time_s"),
+        eval=_eval_of(stage_summary),
+        metrics=headline(stage_summary),
+    )
     if stage_summary.get("objective") is not None:
         entry["objective"] = stage_summary["objective"]
 
@@ -318,8 +362,9 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fail(summary: dict, entry: dict, run_dir: Path, started: float, stage_started: float, status: str,
-          reason: str) -> None:
+def _fail(
+    summary: dict, entry: dict, run_dir: Path, started: float, stage_started: float, status: str, reason: str
+) -> None:
     entry.update(status=status, error=reason, wall_time_s=time.perf_counter() - stage_started)
     summary.update(status=status, failed_stage=entry["name"])
     _write(summary, run_dir, started)
@@ -335,8 +380,9 @@ def _write_hydra_files(planned: PlannedStage, dcfg: DictConfig, resume: bool) ->
     hydra_dir = planned.dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(dcfg, hydra_dir / "config.yaml")
-    OmegaConf.save(OmegaConf.create(planned.overrides + (["resume=auto"] if resume else [])),
-                   hydra_dir / "overrides.yaml")
+    OmegaConf.save(
+        OmegaConf.create(planned.overrides + (["resume=auto"] if resume else [])), hydra_dir / "overrides.yaml"
+    )
 
 
 def _link_final(run_dir: Path, last_dir: Path) -> None:
@@ -377,6 +423,7 @@ def _release_memory() -> None:
 
 
 # -- the table ---------------------------------------------------------------------------------
+
 
 def table_rows(summary: dict[str, Any]) -> dict[str, Any]:
     rows: dict[str, Any] = {}

@@ -15,35 +15,37 @@ run's eval tasks before/after. To fine-tune the result and keep its zeros, see
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
-from accelerate.utils import set_seed
-
 from polmctl.compress import prune as P
-from polmctl.config.schema import ConfigError, RunConfig
-from polmctl.config.validate import require_method
+from polmctl.config.schema import RunConfig
+from polmctl.console import console
 from polmctl.data import encode_dataset, load_rows, pad_collate
 from polmctl.engine.device import run_device
-from polmctl.engine.metrics import peak_memory_mb, write_json
-from polmctl.engine.progress import console, summary_table
+from polmctl.engine.metrics import peak_memory_mb
+from polmctl.errors import ModelError
 from polmctl.evals import evaluate_run
-from polmctl.models import ModelError, is_reward_model, load_model, load_tokenizer, save_model
+from polmctl.models import is_reward_model, load_model, load_tokenizer, save_model
+from polmctl.runners.common import begin, eval_rows, finish
 
 
 def run_prune(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     m = cfg.method
-    _check_config(cfg)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
+    run_dir = begin(
+        cfg,
+        "prune",
+        no_adapters="pruning trains no adapters; use peft=none",
+        full_precision="pruning needs full-precision weights; use model.quantization=none "
+        "(quantize the pruned model afterwards)",
+    )
 
     # Data first: a bad file or column fails here, before any model weights load.
     tokenizer = load_tokenizer(cfg.model)
     batches, n_rows = _calibration_batches(cfg, tokenizer)
-    model = _plain_model(load_model(cfg.model, device=run_device(cfg.trainer), for_training=False,
-                                    pad_token_id=tokenizer.pad_token_id))
+    model = _plain_model(
+        load_model(cfg.model, device=run_device(cfg.trainer), for_training=False, pad_token_id=tokenizer.pad_token_id)
+    )
     P.check_prunable(model)
     layers_before = len(P.decoder_layers(model))
     params_before = P.count_parameters(model)
@@ -54,8 +56,9 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
     needs_norms = m.criterion == "wanda" or (m.criterion == "nm" and m.nm_score == "wanda")
     prune_started = time.perf_counter()
     with console.status(f"calibrating on {n_rows} rows of {cfg.data.source}"):
-        cal = P.calibrate(model, batches, linears=linears if needs_norms else None,
-                          layer_importance=m.criterion == "depth")
+        cal = P.calibrate(
+            model, batches, linears=linears if needs_norms else None, layer_importance=m.criterion == "depth"
+        )
     dropped: list[dict[str, Any]] = []
     achieved: dict[str, float] = {}
     if m.criterion == "depth":
@@ -63,8 +66,15 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
         P.drop_layers(model, drop)
         dropped = [{"index": i, "importance": cal.layer_importance[i]} for i in drop]
     else:
-        achieved = P.prune_linears(linears, criterion=m.criterion, sparsity=m.sparsity, n=m.nm_n, m=m.nm_m,
-                                   nm_score=m.nm_score, act_norms=cal.act_norms)
+        achieved = P.prune_linears(
+            linears,
+            criterion=m.criterion,
+            sparsity=m.sparsity,
+            n=m.nm_n,
+            m=m.nm_m,
+            nm_score=m.nm_score,
+            act_norms=cal.act_norms,
+        )
     prune_time = time.perf_counter() - prune_started
     with console.status("perplexity of the pruned model on the calibration rows"):
         cal_after = P.calibrate(model, batches)
@@ -75,38 +85,44 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
     zeros = sum(int((w == 0).sum()) for w in pruned.values())
     total = sum(w.numel() for w in pruned.values())
     summary = {
-        "recipe": cfg.recipe.name, "model": cfg.model.name_or_path, "run_dir": str(run_dir), "status": "completed",
+        "recipe": cfg.recipe.name,
+        "model": cfg.model.name_or_path,
+        "run_dir": str(run_dir),
+        "status": "completed",
         "criterion": m.criterion,
-        "sparsity": None if m.criterion == "depth" else {
+        "sparsity": None
+        if m.criterion == "depth"
+        else {
             "requested": (m.nm_m - m.nm_n) / m.nm_m if m.criterion == "nm" else m.sparsity,
             "pattern": f"{m.nm_n}:{m.nm_m}" if m.criterion == "nm" else "unstructured",
             "score": m.nm_score if m.criterion == "nm" else m.criterion,
-            "overall": zeros / max(total, 1), "per_tensor": achieved},
-        "layers": {"before": layers_before, "after": len(P.decoder_layers(model)), "dropped": dropped,
-                   "importance": cal.layer_importance or None},
-        "params": {"before": params_before, "after": P.count_parameters(model),
-                   "nonzero_after": sum(int((p != 0).sum()) for p in {id(p): p for p in model.parameters()}.values())},
-        "calibration": {"source": cfg.data.source, "rows": n_rows, "tokens": cal.tokens,
-                        "perplexity_before": cal.perplexity, "perplexity_after": cal_after.perplexity},
+            "overall": zeros / max(total, 1),
+            "per_tensor": achieved,
+        },
+        "layers": {
+            "before": layers_before,
+            "after": len(P.decoder_layers(model)),
+            "dropped": dropped,
+            "importance": cal.layer_importance or None,
+        },
+        "params": {
+            "before": params_before,
+            "after": P.count_parameters(model),
+            "nonzero_after": sum(int((p != 0).sum()) for p in {id(p): p for p in model.parameters()}.values()),
+        },
+        "calibration": {
+            "source": cfg.data.source,
+            "rows": n_rows,
+            "tokens": cal.tokens,
+            "perplexity_before": cal.perplexity,
+            "perplexity_after": cal_after.perplexity,
+        },
         "eval": {"before": before, "after": after},
-        "prune_time_s": prune_time, "wall_time_s": time.perf_counter() - started,
+        "prune_time_s": prune_time,
+        "wall_time_s": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
     }
-    write_json(run_dir / "summary.json", summary)
-    console.print(summary_table(f"{cfg.recipe.name} summary ({m.criterion})", _table_rows(summary)))
-    console.print(f"run dir: {run_dir}", highlight=False, soft_wrap=True)
-    return summary
-
-
-def _check_config(cfg: RunConfig) -> None:
-    """What the method schema cannot see: the rest of the run must fit a one-shot prune."""
-    require_method(cfg, "prune")
-    if cfg.model.quantization != "none":
-        raise ConfigError("model.quantization", f"pruning needs full-precision weights, got "
-                                                f"{cfg.model.quantization!r}; use model.quantization=none "
-                                                "(quantize the pruned model afterwards)")
-    if cfg.peft.method != "none":
-        raise ConfigError("peft.method", f"pruning trains no adapters, got {cfg.peft.method!r}; use peft=none")
+    return finish(run_dir, summary, f"{cfg.recipe.name} summary ({m.criterion})", _table_rows(summary))
 
 
 def _plain_model(model):
@@ -116,8 +132,10 @@ def _plain_model(model):
     if hasattr(model, "merge_and_unload"):
         peft_type = getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type)
         if peft_type != "LORA":
-            raise ModelError(f"model.name_or_path holds a {peft_type} adapter, which does not merge into the weights; "
-                             "prune the base model instead")
+            raise ModelError(
+                f"model.name_or_path holds a {peft_type} adapter, which does not merge into the weights; "
+                "prune the base model instead"
+            )
         console.print("[bold]model[/] a LoRA adapter dir: the adapter is merged into the base weights before pruning")
         model = model.merge_and_unload()
     return model
@@ -126,13 +144,27 @@ def _plain_model(model):
 def _calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
     """``method.calibration_rows`` rows of the run's data, every token labelled, in padded batches."""
     m = cfg.method
-    rows = load_rows(cfg.data.source, cfg.data.split, max_rows=m.calibration_rows,
-                     options=dict(cfg.data.options) or None, hub_config=cfg.data.hub_config)
+    rows = load_rows(
+        cfg.data.source,
+        cfg.data.split,
+        max_rows=m.calibration_rows,
+        options=dict(cfg.data.options) or None,
+        hub_config=cfg.data.hub_config,
+    )
     # Preference rows calibrate on prompt + chosen answer.
-    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} if "chosen" in r and "completion" not in r else r
-            for r in rows]
-    examples, _ = encode_dataset(rows, tokenizer, source=cfg.data.source, fmt=cfg.data.format,
-                                 max_length=cfg.data.max_length, completion_only_loss=False, overlong="truncate")
+    rows = [
+        {"prompt": r["prompt"], "completion": r["chosen"]} if "chosen" in r and "completion" not in r else r
+        for r in rows
+    ]
+    examples, _ = encode_dataset(
+        rows,
+        tokenizer,
+        source=cfg.data.source,
+        fmt=cfg.data.format,
+        max_length=cfg.data.max_length,
+        completion_only_loss=False,
+        overlong="truncate",
+    )
     bs = m.calibration_batch_size
     batches = [pad_collate(examples[i : i + bs], tokenizer.pad_token_id) for i in range(0, len(examples), bs)]
     return batches, len(examples)
@@ -154,12 +186,7 @@ def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
     rows["non-zero params after"] = f"{params['nonzero_after']:,}"
     cal = summary["calibration"]
     rows["calibration ppl before -> after"] = f"{cal['perplexity_before']:.4g} -> {cal['perplexity_after']:.4g}"
-    for tag in ("before", "after"):
-        for task, metrics in (summary["eval"][tag] or {}).items():
-            for name, value in metrics.items():
-                if name != "n":
-                    rows[f"{task}/{name} ({tag})"] = value
+    rows.update(eval_rows(summary["eval"]))
     rows["prune_time_s"] = summary["prune_time_s"]
     rows["wall_time_s"] = summary["wall_time_s"]
     return rows
-

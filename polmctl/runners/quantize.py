@@ -32,35 +32,44 @@ from typing import Any
 import torch
 
 from polmctl.compress import quantize as Q
-from polmctl.config.schema import ConfigError, ModelConfig, RunConfig
-from polmctl.config.validate import require_method
+from polmctl.config.schema import ModelConfig, RunConfig
+from polmctl.console import console
 from polmctl.engine.device import run_device
-from polmctl.engine.metrics import peak_memory_mb, write_json
-from polmctl.engine.progress import console, summary_table
+from polmctl.engine.metrics import peak_memory_mb
+from polmctl.errors import ConfigError, ModelError
 from polmctl.evals import evaluate_run
-from polmctl.models import ModelError, is_reward_model, load_model, load_tokenizer, resolve_model_path, save_model
+from polmctl.models import is_reward_model, load_model, load_tokenizer, resolve_model_path, save_model
+from polmctl.runners.common import begin, finish
 
 
 def run_quantize(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     m = cfg.method
-    _check_config(cfg)
+    run_dir = begin(
+        cfg,
+        "quantize",
+        no_adapters="quantizing trains no adapters; use peft=none",
+        full_precision="the quantize recipe loads the source in full precision and takes the scheme "
+        f"from method.scheme: use model.quantization=none method.scheme={cfg.model.quantization}",
+    )
     device = torch.device(_device(cfg))
     Q.check_backend(m.scheme, device)  # a missing library fails here, before any weights load
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     with Q.quiet_backends():
         return _run(cfg, m, device, run_dir, started)
 
 
-def _run(cfg: RunConfig, m: Q.QuantizeMethod, device: torch.device, run_dir: Path, started: float) -> dict[str, Any]:
+def _run(cfg: RunConfig, m, device: torch.device, run_dir: Path, started: float) -> dict[str, Any]:
     name = cfg.model.name_or_path
     tokenizer = load_tokenizer(cfg.model)
     path = resolve_model_path(name, cfg.model.cache_dir)
     _refuse_quantized(name, Q.dir_quantization(path))  # before loading a model that may need other libraries
     dtype = Q.load_dtype(m, cfg.model.dtype, device)
-    source = _plain_model(load_model(_with_dtype(cfg.model, dtype), device=device, for_training=False,
-                                     pad_token_id=tokenizer.pad_token_id), name)
+    source = _plain_model(
+        load_model(
+            _with_dtype(cfg.model, dtype), device=device, for_training=False, pad_token_id=tokenizer.pad_token_id
+        ),
+        name,
+    )
     if Q.is_full_model_dir(path):
         source_dir = Path(path)
         size_from = "the builtin model's cache dir" if name.startswith("builtin:") else "the source model dir"
@@ -71,16 +80,18 @@ def _run(cfg: RunConfig, m: Q.QuantizeMethod, device: torch.device, run_dir: Pat
 
     before = evaluate_run(cfg, source, tokenizer, run_dir, "before") if cfg.eval.before else None
     with console.status(f"tokens/s of the source model ({len(prompts)} prompts)"):
-        speed_before = Q.generation_speed(source, tokenizer, prompts, max_new_tokens=m.speed_max_new_tokens,
-                                          batch_size=m.speed_batch_size)
+        speed_before = Q.generation_speed(
+            source, tokenizer, prompts, max_new_tokens=m.speed_max_new_tokens, batch_size=m.speed_batch_size
+        )
     memory_before = Q.parameter_bytes(source)
     del source
     gc.collect()
 
     quantize_started = time.perf_counter()
     with console.status(f"quantizing {name} ({m.scheme})"):
-        quantized = Q.quantize_model(source_dir, m, device=device, dtype=dtype,
-                                     trust_remote_code=cfg.model.trust_remote_code)
+        quantized = Q.quantize_model(
+            source_dir, m, device=device, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
     if not Q.quantized_layers(quantized):
         raise ModelError(f"method.scheme={m.scheme} quantized no layer of {name} (no nn.Linear it could convert)")
     final = save_model(quantized, tokenizer, run_dir / "final")
@@ -89,77 +100,101 @@ def _run(cfg: RunConfig, m: Q.QuantizeMethod, device: torch.device, run_dir: Pat
     gc.collect()
 
     # Everything "after" is measured on the model as every later command loads it.
-    model = load_model(_with_dtype(ModelConfig(name_or_path=str(final), trust_remote_code=cfg.model.trust_remote_code,
-                                               attn_implementation=cfg.model.attn_implementation), dtype),
-                       device=device, for_training=False, pad_token_id=tokenizer.pad_token_id)
+    model = load_model(
+        _with_dtype(
+            ModelConfig(
+                name_or_path=str(final),
+                trust_remote_code=cfg.model.trust_remote_code,
+                attn_implementation=cfg.model.attn_implementation,
+            ),
+            dtype,
+        ),
+        device=device,
+        for_training=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     layers = Q.quantized_layers(model)
     if not layers:
         raise ModelError(f"{final} reloaded without quantized layers; its config.json lost the quantization_config")
     with console.status(f"tokens/s of the quantized model ({len(prompts)} prompts)"):
-        speed_after = Q.generation_speed(model, tokenizer, prompts, max_new_tokens=m.speed_max_new_tokens,
-                                         batch_size=m.speed_batch_size)
+        speed_after = Q.generation_speed(
+            model, tokenizer, prompts, max_new_tokens=m.speed_max_new_tokens, batch_size=m.speed_batch_size
+        )
     after = evaluate_run(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks else None
     size_before, size_after = Q.weights_bytes(source_dir), Q.weights_bytes(final)
     memory_after = Q.parameter_bytes(model)
 
     summary = {
-        "recipe": cfg.recipe.name, "model": name, "run_dir": str(run_dir), "status": "completed",
-        "scheme": m.scheme, "quantization": Q.model_quantization(model), "device": str(device),
-        "compute_dtype": str(dtype).removeprefix("torch."), "quantized_dir": str(final),
-        "quantized_layers": dict(layers), "full_precision_linears": Q.full_precision_linears(model),
-        "size_on_disk_bytes": {"before": size_before, "after": size_after, "ratio": Q.ratio(size_after, size_before),
-                               "before_measured_in": str(source_dir), "before_from": size_from},
-        "param_memory_bytes": {"before": memory_before, "after": memory_after,
-                               "ratio": Q.ratio(memory_after, memory_before)},
-        "tokens_per_s": {"before": speed_before["tokens_per_s"], "after": speed_after["tokens_per_s"],
-                         "ratio": Q.ratio(speed_after["tokens_per_s"], speed_before["tokens_per_s"])},
+        "recipe": cfg.recipe.name,
+        "model": name,
+        "run_dir": str(run_dir),
+        "status": "completed",
+        "scheme": m.scheme,
+        "quantization": Q.model_quantization(model),
+        "device": str(device),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "quantized_dir": str(final),
+        "quantized_layers": dict(layers),
+        "full_precision_linears": Q.full_precision_linears(model),
+        "size_on_disk_bytes": {
+            "before": size_before,
+            "after": size_after,
+            "ratio": Q.ratio(size_after, size_before),
+            "before_measured_in": str(source_dir),
+            "before_from": size_from,
+        },
+        "param_memory_bytes": {
+            "before": memory_before,
+            "after": memory_after,
+            "ratio": Q.ratio(memory_after, memory_before),
+        },
+        "tokens_per_s": {
+            "before": speed_before["tokens_per_s"],
+            "after": speed_after["tokens_per_s"],
+            "ratio": Q.ratio(speed_after["tokens_per_s"], speed_before["tokens_per_s"]),
+        },
         "generation": {
-            "prompts": len(prompts), "source": "builtin:arithmetic (test split)", "greedy": True,
-            "max_new_tokens": m.speed_max_new_tokens, "batch_size": m.speed_batch_size,
+            "prompts": len(prompts),
+            "source": "builtin:arithmetic (test split)",
+            "greedy": True,
+            "max_new_tokens": m.speed_max_new_tokens,
+            "batch_size": m.speed_batch_size,
             "before": {k: speed_before[k] for k in ("tokens", "seconds")},
             "after": {k: speed_after[k] for k in ("tokens", "seconds")},
-            "identical_completions": sum(a == b for a, b in zip(speed_before["completions"],
-                                                                speed_after["completions"])),
+            "identical_completions": sum(
+                a == b for a, b in zip(speed_before["completions"], speed_after["completions"])
+            ),
         },
         "eval": {"before": before, "after": after},
-        "quantize_time_s": quantize_time, "wall_time_s": time.perf_counter() - started,
+        "quantize_time_s": quantize_time,
+        "wall_time_s": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(device),
     }
-    write_json(run_dir / "summary.json", summary)
-    console.print(summary_table(f"{cfg.recipe.name} summary ({m.scheme})", _table_rows(summary)))
-    console.print(f"run dir: {run_dir}", highlight=False, soft_wrap=True)
-    return summary
-
-
-def _check_config(cfg: RunConfig) -> None:
-    """What the method schema cannot see: the rest of the run must fit a one-shot quantization."""
-    require_method(cfg, "quantize")
-    if cfg.model.quantization != "none":
-        raise ConfigError("model.quantization", f"got {cfg.model.quantization!r}; the quantize recipe loads the "
-                                                "source in full precision and takes the scheme from method.scheme: "
-                                                f"use model.quantization=none method.scheme={cfg.model.quantization}")
-    if cfg.peft.method != "none":
-        raise ConfigError("peft.method", f"quantizing trains no adapters, got {cfg.peft.method!r}; use peft=none")
+    return finish(run_dir, summary, f"{cfg.recipe.name} summary ({m.scheme})", _table_rows(summary))
 
 
 def _refuse_quantized(name: str, quantization: str | None) -> None:
     if quantization:
-        raise ConfigError("model.name_or_path", f"{name} is already quantized ({quantization}); quantizing it "
-                                                "again is not supported: point model.name_or_path at the "
-                                                "full-precision model it was made from")
+        raise ConfigError(
+            "model.name_or_path",
+            f"{name} is already quantized ({quantization}); quantizing it "
+            "again is not supported: point model.name_or_path at the "
+            "full-precision model it was made from",
+        )
 
 
 def _plain_model(model, name: str):
     """A full-precision causal LM: a reward model is refused, a LoRA adapter is merged into its base."""
     _refuse_quantized(name, Q.model_quantization(model))  # e.g. an adapter on a quantized base
     if is_reward_model(model):
-        raise ConfigError("model.name_or_path", "holds a reward model (a score head, no LM head); "
-                                                "quantize a causal LM")
+        raise ConfigError("model.name_or_path", "holds a reward model (a score head, no LM head); quantize a causal LM")
     if hasattr(model, "merge_and_unload"):
         peft_type = getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type)
         if peft_type != "LORA":
-            raise ConfigError("model.name_or_path", f"holds a {peft_type} adapter, which does not merge into the "
-                                                    "weights; quantize its base model instead")
+            raise ConfigError(
+                "model.name_or_path",
+                f"holds a {peft_type} adapter, which does not merge into the weights; quantize its base model instead",
+            )
         console.print("[bold]model[/] a LoRA adapter dir: the adapter is merged into the base weights first")
         model = model.merge_and_unload()
     return model
@@ -176,10 +211,15 @@ def _mb(n: int) -> str:
 
 
 def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
-    rows: dict[str, Any] = {"scheme": f"{summary['scheme']} ({summary['quantization']})",
-                            "quantized layers": ", ".join(f"{n} {k}" for k, n in summary["quantized_layers"].items())}
-    for key, label, fmt in (("size_on_disk_bytes", "size on disk", _mb), ("param_memory_bytes", "param memory", _mb),
-                            ("tokens_per_s", "tokens/s", lambda v: f"{v:.1f}")):
+    rows: dict[str, Any] = {
+        "scheme": f"{summary['scheme']} ({summary['quantization']})",
+        "quantized layers": ", ".join(f"{n} {k}" for k, n in summary["quantized_layers"].items()),
+    }
+    for key, label, fmt in (
+        ("size_on_disk_bytes", "size on disk", _mb),
+        ("param_memory_bytes", "param memory", _mb),
+        ("tokens_per_s", "tokens/s", lambda v: f"{v:.1f}"),
+    ):
         entry = summary[key]
         rows[f"{label} before -> after"] = f"{fmt(entry['before'])} -> {fmt(entry['after'])}"
         rows[f"{label} ratio"] = entry["ratio"]

@@ -16,20 +16,23 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
+from polmctl.compress.sparsity import SparsityMasks
 from polmctl.config.schema import RunConfig
+from polmctl.console import console
 from polmctl.data import load_rows
 from polmctl.engine.checkpoint import resolve_resume
 from polmctl.engine.device import make_accelerator
-from polmctl.engine.metrics import peak_memory_mb, write_json
-from polmctl.engine.progress import console, summary_table
+from polmctl.engine.metrics import peak_memory_mb
 from polmctl.engine.trainer import Trainer
 from polmctl.evals import evaluate_run
+from polmctl.methods.registry import build_objective
 from polmctl.models import apply_peft, cache_root, load_model, load_tokenizer, save_model, trainable_parameter_summary
-from polmctl.objectives import build_objective
+from polmctl.runners.common import eval_rows, finish
 
 
 def run_train(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
+    objective = build_objective(cfg.method)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
@@ -39,77 +42,106 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
 
     # Data first: a bad file or column fails here, before any model weights load.
     tokenizer = load_tokenizer(cfg.model)
-    rows = load_rows(cfg.data.source, cfg.data.split, max_rows=cfg.data.max_rows,
-                     options=dict(cfg.data.options) or None, hub_config=cfg.data.hub_config)
-    objective = build_objective(cfg.method)
+    rows = load_rows(
+        cfg.data.source,
+        cfg.data.split,
+        max_rows=cfg.data.max_rows,
+        options=dict(cfg.data.options) or None,
+        hub_config=cfg.data.hub_config,
+    )
     examples, stats = objective.encode(rows, tokenizer, cfg.data)
     console.print(f"[bold]data[/] {cfg.data.source}: {stats.summary()}")
 
-    head = getattr(objective, "model_head", "causal_lm")  # reward_model: a scalar score head
-    model = load_model(cfg.model, device=acc.device, for_training=True, head=head, pad_token_id=tokenizer.pad_token_id)
+    model = load_model(
+        cfg.model, device=acc.device, for_training=True, head=objective.model_head, pad_token_id=tokenizer.pad_token_id
+    )
     model = apply_peft(model, cfg.peft, tokenizer)
     # Modules that train beside the model (PPO's value head): attached, they are optimised,
     # checkpointed and resumed with it; the final model is saved without them.
-    heads = objective.heads(model) if hasattr(objective, "heads") else {}
+    heads = objective.heads(model)
     for name, head in heads.items():
         model.add_module(name, head)
     trainable, total = trainable_parameter_summary(model)
-    console.print(f"[bold]model[/] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
-                  f"({100 * trainable / total:.2f}%), peft={cfg.peft.method}")
+    console.print(
+        f"[bold]model[/] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
+        f"({100 * trainable / total:.2f}%), peft={cfg.peft.method}"
+    )
 
     # Several processes: rank 0 evaluates and writes eval/, the others wait for it.
-    before = (evaluate_run(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None)
-              if cfg.eval.before and acc.is_main_process else None)
+    before = (
+        evaluate_run(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None)
+        if cfg.eval.before and acc.is_main_process
+        else None
+    )
     acc.wait_for_everyone()
-    # Online objectives (GRPO, ...) make their batches by sampling the policy as it trains.
-    online = hasattr(objective, "make_batches")
-    batches = objective.make_batches(examples, model=model, tokenizer=tokenizer, cfg=cfg, accelerator=acc) if online else None
-    trainer = Trainer(cfg=cfg.trainer, model=model, objective=objective, examples=examples,
-                      collate=getattr(objective, "collate", None), run_dir=run_dir, accelerator=acc, seed=cfg.seed,
-                      shuffle=cfg.data.shuffle, progress=cfg.logger.progress, tokenizer=tokenizer, batches=batches)
-    if hasattr(objective, "prepare"):
-        # Only the rows the run will visit: 60 steps over 2000 pairs need a quarter of them.
-        used = trainer.batches.sampler.upcoming(cfg.trainer.max_steps * cfg.trainer.grad_accum)
-        with console.status(f"scoring {len(used)} training rows with the reference model"):
-            note = objective.prepare(model, [examples[i] for i in used], device=acc.device,
-                                     cache_dir=cache_root(cfg.model.cache_dir) / "ref_logps",
-                                     model_id=repr((cfg.model.name_or_path, cfg.model.dtype, cfg.model.quantization,
-                                                    cfg.model.revision)))
+    # Online methods (GRPO, ...) make their batches by sampling the policy as it trains; None: the examples.
+    batches = objective.make_batches(examples, model=model, tokenizer=tokenizer, cfg=cfg, accelerator=acc)
+    # A pruned model keeps its zeros through fine-tuning (trainer.keep_sparsity), re-applied after every step.
+    sparsity = SparsityMasks.from_model(model) if cfg.trainer.keep_sparsity else None
+    trainer = Trainer(
+        cfg=cfg.trainer,
+        model=model,
+        objective=objective,
+        examples=examples,
+        collate=objective.collate,
+        run_dir=run_dir,
+        accelerator=acc,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+        progress=cfg.logger.progress,
+        tokenizer=tokenizer,
+        batches=batches,
+        after_step=[sparsity.apply] if sparsity else (),
+    )
+    # Only the rows the run will visit: 60 steps over 2000 pairs need a quarter of them.
+    used = trainer.batches.sampler.upcoming(cfg.trainer.max_steps * cfg.trainer.grad_accum) if batches is None else []
+    with console.status(f"preparing {len(used)} training rows (e.g. reference log-probs)"):
+        note = objective.prepare(
+            model,
+            [examples[i] for i in used],
+            device=acc.device,
+            cache_dir=cache_root(cfg.model.cache_dir) / "ref_logps",
+            model_id=repr((cfg.model.name_or_path, cfg.model.dtype, cfg.model.quantization, cfg.model.revision)),
+        )
+    if note:
         console.print(note)
     if cfg.logger.trackers:
         acc.init_trackers(cfg.logger.project, config=_flat(asdict(cfg)))
     fit = trainer.fit(resume)
     model = acc.unwrap_model(trainer.model)
     if acc.is_main_process:
-        save_model(model, tokenizer, run_dir / "final", merge_adapters=cfg.peft.merge_on_save, heads=heads,
-                   sparsity=trainer.sparsity)
+        save_model(
+            model, tokenizer, run_dir / "final", merge_adapters=cfg.peft.merge_on_save, heads=heads, sparsity=sparsity
+        )
     after = evaluate_run(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks and acc.is_main_process else None
     acc.wait_for_everyone()
     acc.end_training()
 
     summary = {
-        "recipe": cfg.recipe.name, "model": cfg.model.name_or_path, "run_dir": str(run_dir),
-        "status": "completed", "steps": fit.steps, "first_loss": fit.first_loss, "final_loss": fit.final_loss,
-        "train_time_s": fit.train_time_s, "wall_time_s": time.perf_counter() - started,
-        "tokens_per_s": fit.tokens_per_s, "peak_memory_mb": peak_memory_mb(acc.device),
-        "trainable_params": trainable, "total_params": total, "data": asdict(stats),
-        "resumed_from": fit.resumed_from, "eval": {"before": before, "after": after},
+        "recipe": cfg.recipe.name,
+        "model": cfg.model.name_or_path,
+        "run_dir": str(run_dir),
+        "status": "completed",
+        "steps": fit.steps,
+        "first_loss": fit.first_loss,
+        "final_loss": fit.final_loss,
+        "train_time_s": fit.train_time_s,
+        "wall_time_s": time.perf_counter() - started,
+        "tokens_per_s": fit.tokens_per_s,
+        "peak_memory_mb": peak_memory_mb(acc.device),
+        "trainable_params": trainable,
+        "total_params": total,
+        "data": asdict(stats),
+        "resumed_from": fit.resumed_from,
+        "eval": {"before": before, "after": after},
     }
     if acc.is_main_process:
-        write_json(run_dir / "summary.json", summary)
-        console.print(summary_table(f"{cfg.recipe.name} run summary", _table_rows(summary)))
-        console.print(f"run dir: {run_dir}", highlight=False, soft_wrap=True)
+        rows = {
+            k: summary[k]
+            for k in ("steps", "first_loss", "final_loss", "train_time_s", "tokens_per_s", "peak_memory_mb")
+        }
+        finish(run_dir, summary, f"{cfg.recipe.name} run summary", {**rows, **eval_rows(summary["eval"])})
     return summary
-
-
-def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
-    rows = {k: summary[k] for k in ("steps", "first_loss", "final_loss", "train_time_s", "tokens_per_s", "peak_memory_mb")}
-    for tag in ("before", "after"):
-        for task, metrics in (summary["eval"][tag] or {}).items():
-            for name, value in metrics.items():
-                if name != "n":
-                    rows[f"{task}/{name} ({tag})"] = value
-    return rows
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

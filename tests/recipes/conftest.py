@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from polmctl.config.compose import compose_config
-from polmctl.config.validate import validate
-from polmctl.engine.metrics import read_metrics
 import polmctl.runners.train as train_runner
+from polmctl.compose import compose_config
+from polmctl.engine.metrics import read_metrics
+from polmctl.validate import validate
 
 FAST = ["model=tiny", "eval=none", "eval.tasks=[]", "logger.progress=false", "trainer.warmup_ratio=0"]
 

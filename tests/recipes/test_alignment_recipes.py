@@ -4,6 +4,7 @@ a repeated batch, the implicit-reward accuracy on the training pairs rises."""
 from __future__ import annotations
 
 import pytest
+
 from polmctl.engine.metrics import read_metrics
 
 pytestmark = pytest.mark.recipes
@@ -11,11 +12,23 @@ pytestmark = pytest.mark.recipes
 # At 3e-2 IPO's and SimPO's LoRA steps overshoot and oscillate on this batch (their first steps are the
 # largest: IPO's squared loss pulls with 2 (h - 1/(2 beta)) = -10), so the last step's figures hung on
 # float rounding; at 1e-2 both climb steadily.
-RECIPES = {"dpo": "trainer.lr=3e-2", "ipo": "trainer.lr=1e-2", "simpo": "trainer.lr=1e-2",
-           "orpo": "trainer.lr=3e-2", "cpo": "trainer.lr=3e-2"}
+RECIPES = {
+    "dpo": "trainer.lr=3e-2",
+    "ipo": "trainer.lr=1e-2",
+    "simpo": "trainer.lr=1e-2",
+    "orpo": "trainer.lr=3e-2",
+    "cpo": "trainer.lr=3e-2",
+}
 PAIRED = list(RECIPES)
-REPEATED_BATCH = ["data.max_rows=4", "trainer.micro_batch_size=4", "trainer.grad_accum=1", "trainer.max_steps=12",
-                  "peft.dropout=0", "trainer.max_grad_norm=0", "trainer.scheduler=constant"]
+REPEATED_BATCH = [
+    "data.max_rows=4",
+    "trainer.micro_batch_size=4",
+    "trainer.grad_accum=1",
+    "trainer.max_steps=12",
+    "peft.dropout=0",
+    "trainer.max_grad_norm=0",
+    "trainer.scheduler=constant",
+]
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -48,31 +61,49 @@ def test_reference_paths_agree(train_recipe, tmp_path):
 
 
 def test_full_finetuning_dpo_keeps_a_frozen_reference(train_recipe):
-    run = train_recipe("dpo", "peft=none", "method.precompute_ref_logps=false", "trainer.lr=1e-3", *REPEATED_BATCH[:3],
-                       "trainer.max_steps=4")
+    run = train_recipe(
+        "dpo",
+        "peft=none",
+        "method.precompute_ref_logps=false",
+        "trainer.lr=1e-3",
+        *REPEATED_BATCH[:3],
+        "trainer.max_steps=4",
+    )
     lines = read_metrics(run.dir / "metrics.jsonl")
     assert lines[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and lines[-1]["loss"] < lines[0]["loss"]
 
 
 def test_reference_logps_are_cached_and_reused(train_recipe, tmp_path, capsys):
-    args = ["trainer.max_steps=1", "data.max_rows=8", "trainer.micro_batch_size=4", "trainer.grad_accum=1", f"model.cache_dir={tmp_path / 'cache'}"]
+    args = [
+        "trainer.max_steps=1",
+        "data.max_rows=8",
+        "trainer.micro_batch_size=4",
+        "trainer.grad_accum=1",
+        f"model.cache_dir={tmp_path / 'cache'}",
+    ]
     train_recipe("dpo", *args, run_dir=tmp_path / "a")
     assert "computed once for 4 pairs" in capsys.readouterr().err  # one step of 4: only the rows it visits
     train_recipe("dpo", *args, run_dir=tmp_path / "b")
     assert "reused" in capsys.readouterr().err
-    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.safetensors"))) == 1
 
 
 def test_sft_rows_in_a_preference_recipe_fail_early(train_recipe):
-    from polmctl.data import DataError
+    from polmctl.errors import DataError
 
     with pytest.raises(DataError, match="needs .prompt, chosen, rejected."):
         train_recipe("dpo", "data=arithmetic")
 
 
 def test_kto_trains_desirable_up_and_undesirable_down(train_recipe):
-    run = train_recipe("kto", "trainer.lr=3e-3", "method.beta=1.0", *REPEATED_BATCH[1:], "data.max_rows=8",
-                       "trainer.micro_batch_size=8")
+    run = train_recipe(
+        "kto",
+        "trainer.lr=3e-3",
+        "method.beta=1.0",
+        *REPEATED_BATCH[1:],
+        "data.max_rows=8",
+        "trainer.micro_batch_size=8",
+    )
     assert run.unchanged_parameters() == []
     lines = read_metrics(run.dir / "metrics.jsonl")
     assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-4)  # policy == reference: 1 - sigmoid(0) for every row
@@ -81,14 +112,14 @@ def test_kto_trains_desirable_up_and_undesirable_down(train_recipe):
 
 
 def test_kto_rejects_paired_rows(train_recipe):
-    from polmctl.data import DataError
+    from polmctl.errors import DataError
 
     with pytest.raises(DataError, match="kto needs unpaired rows"):
         train_recipe("kto", "data=arithmetic_preference")
 
 
 def test_unpaired_rows_in_a_pairwise_recipe_fail_early(train_recipe):
-    from polmctl.data import DataError
+    from polmctl.errors import DataError
 
     with pytest.raises(DataError, match=r"dpo needs paired rows .*those train with recipe=kto"):
         train_recipe("dpo", "data=arithmetic_feedback")

@@ -9,15 +9,23 @@ import re
 import pytest
 import torch
 
-from polmctl.config.schema import ConfigError
 from polmctl.engine.metrics import read_metrics
+from polmctl.errors import ConfigError
 from polmctl.models import save_model
 from polmctl.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = pytest.mark.recipes
 
-SHORT = ["trainer.max_steps=20", "trainer.lr=3e-3", "trainer.scheduler=constant", "trainer.micro_batch_size=8",
-         "trainer.grad_accum=1", "data.max_rows=96", "method.max_new_tokens=16", "eval.tasks=[]"]
+SHORT = [
+    "trainer.max_steps=20",
+    "trainer.lr=3e-3",
+    "trainer.scheduler=constant",
+    "trainer.micro_batch_size=8",
+    "trainer.grad_accum=1",
+    "data.max_rows=96",
+    "method.max_new_tokens=16",
+    "eval.tasks=[]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +42,20 @@ def first_and_last(lines, key, n=3):
     return sum(values[:n]) / n, sum(values[-n:]) / n, values
 
 
-@pytest.mark.parametrize("extra", [
-    ["method.loss=jsd", "method.beta=0.5"],
-    ["method.loss=forward_kl", "method.temperature=2.0", "method.sft_weight=0.5"],
-    ["method.loss=reverse_kl"],
-    ["method.loss=forward_kl", "method.teacher_quantization=nf4"],
-], ids=["jsd", "forward_kl-T2-sft", "reverse_kl", "nf4-teacher"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["method.loss=jsd", "method.beta=0.5"],
+        ["method.loss=forward_kl", "method.temperature=2.0", "method.sft_weight=0.5"],
+        ["method.loss=reverse_kl"],
+        ["method.loss=forward_kl", "method.teacher_quantization=nf4"],
+    ],
+    ids=["jsd", "forward_kl-T2-sft", "reverse_kl", "nf4-teacher"],
+)
 def test_offline_distillation_lowers_the_kl_to_the_teacher(train_recipe, teacher_dir, extra):
-    run = train_recipe("distill", f"method.teacher={teacher_dir}", "method.on_policy_fraction=0",
-                       "method.sft_weight=0", *SHORT, *extra)
+    run = train_recipe(
+        "distill", f"method.teacher={teacher_dir}", "method.on_policy_fraction=0", "method.sft_weight=0", *SHORT, *extra
+    )
     assert run.unchanged_parameters() == []
     lines = read_metrics(run.dir / "metrics.jsonl")
     first, last, kls = first_and_last(lines, "kl_to_teacher")
@@ -56,8 +69,9 @@ def test_offline_distillation_lowers_the_kl_to_the_teacher(train_recipe, teacher
 
 
 def test_on_policy_distillation_lowers_the_kl_on_the_students_samples(train_recipe, teacher_dir):
-    run = train_recipe("distill", f"method.teacher={teacher_dir}", "method.on_policy_fraction=1", "method.loss=jsd",
-                       *SHORT)
+    run = train_recipe(
+        "distill", f"method.teacher={teacher_dir}", "method.on_policy_fraction=1", "method.loss=jsd", *SHORT
+    )
     assert run.unchanged_parameters() == []
     lines = read_metrics(run.dir / "metrics.jsonl")
     assert all(l["on_policy"] == 1.0 and l["completion_length"] > 0 and "rollout_time_s" in l for l in lines)
@@ -76,8 +90,10 @@ def test_a_teacher_with_another_tokenizer_stops_the_run_before_training(train_re
     tok = build_tiny_tokenizer()
     tok.add_tokens(["<extra>"])
     other = save_model(build_tiny_model(tok, seed=1), tok, tmp_path / "other")
-    expected = f"method.teacher: the teacher {other} and the student builtin:tiny have different tokenizers " \
-               "(vocab size 260 vs 261)"
+    expected = (
+        f"method.teacher: the teacher {other} and the student builtin:tiny have different tokenizers "
+        "(vocab size 260 vs 261)"
+    )
     with pytest.raises(ConfigError, match=re.escape(expected)):
         train_recipe("distill", f"method.teacher={other}", *SHORT, run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

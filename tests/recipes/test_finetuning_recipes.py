@@ -22,8 +22,15 @@ RECIPES = {
     "continued_pretraining": "trainer.lr=3e-2",
 }
 # One repeated batch: every step sees the same rows, so the loss must fall.
-REPEATED_BATCH = ["data.max_rows=4", "trainer.micro_batch_size=4", "trainer.grad_accum=1", "trainer.max_steps=12",
-                  "peft.dropout=0", "trainer.max_grad_norm=0", "trainer.scheduler=constant"]
+REPEATED_BATCH = [
+    "data.max_rows=4",
+    "trainer.micro_batch_size=4",
+    "trainer.grad_accum=1",
+    "trainer.max_steps=12",
+    "peft.dropout=0",
+    "trainer.max_grad_norm=0",
+    "trainer.scheduler=constant",
+]
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -44,7 +51,9 @@ def test_final_dir_reloads_with_the_trained_weights(train_recipe, recipe):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     run.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_merged_lora_final_is_a_plain_model(train_recipe):
@@ -55,7 +64,9 @@ def test_merged_lora_final_is_a_plain_model(train_recipe):
     ids = torch.tensor([[5, 6, 7, 8]])
     run.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_run_writes_metrics_checkpoints_and_summary(train_recipe):
@@ -77,8 +88,16 @@ def test_gradient_accumulation_matches_one_big_batch(train_recipe, tmp_path):
     claim is checked on the gradients themselves, at a tolerance other CPUs' kernels stay within.
     (Adam-stepped weights are no measure: its first step is lr * sign(g) wherever |g| >> eps, so
     float rounding of near-zero gradients flips whole lr-sized steps between machines.)"""
-    common = ["data.max_rows=8", "trainer.max_steps=1", "data.shuffle=false", "trainer.optimizer=sgd",
-              "trainer.lr=1.0", "trainer.betas=[0.0,0.999]", "trainer.max_grad_norm=0", "trainer.scheduler=constant"]
+    common = [
+        "data.max_rows=8",
+        "trainer.max_steps=1",
+        "data.shuffle=false",
+        "trainer.optimizer=sgd",
+        "trainer.lr=1.0",
+        "trainer.betas=[0.0,0.999]",
+        "trainer.max_grad_norm=0",
+        "trainer.scheduler=constant",
+    ]
     big = train_recipe("sft", *common, "trainer.micro_batch_size=8", "trainer.grad_accum=1", run_dir=tmp_path / "big")
     acc = train_recipe("sft", *common, "trainer.micro_batch_size=2", "trainer.grad_accum=4", run_dir=tmp_path / "acc")
     assert acc.losses[0] == pytest.approx(big.losses[0], rel=1e-5)
@@ -98,8 +117,8 @@ def test_same_seed_same_curve(train_recipe, tmp_path):
 
 
 def test_non_finite_loss_stops_before_the_update(train_recipe, monkeypatch):
-    from polmctl.engine.errors import TrainingError
-    from polmctl.objectives.sft import SFTObjective
+    from polmctl.errors import TrainingError
+    from polmctl.methods.sft import SFTObjective
 
     calls = {"n": 0}
     original = SFTObjective.__call__

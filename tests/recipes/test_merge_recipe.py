@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from polmctl.config.compose import compose_config
-from polmctl.config.schema import ConfigError, ModelConfig
-from polmctl.config.validate import validate
-from polmctl.models import ModelError, load_model
+from polmctl.compose import compose_config
+from polmctl.config.schema import ModelConfig
+from polmctl.errors import ConfigError, ModelError
+from polmctl.models import load_model
 from polmctl.runners.merge import run_merge
+from polmctl.validate import validate
 
 pytestmark = pytest.mark.recipes
 FAST = ["model=tiny", "eval.tasks=[]", "logger.progress=false"]
@@ -23,8 +24,11 @@ TINY_EVAL = ["eval.tasks=[arithmetic,reversal]", "eval.before=true", "eval.max_s
 
 
 def merge(out: Path, models: list[Path], *overrides: str) -> dict:
-    cfg = validate(compose_config(["recipe=merge", *FAST, f"method.models=[{','.join(map(str, models))}]",
-                                   *overrides, f"output_dir={out}"]))
+    cfg = validate(
+        compose_config(
+            ["recipe=merge", *FAST, f"method.models=[{','.join(map(str, models))}]", *overrides, f"output_dir={out}"]
+        )
+    )
     return run_merge(cfg)
 
 

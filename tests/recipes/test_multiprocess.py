@@ -22,9 +22,11 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-from polmctl.config.schema import ConfigError, LauncherConfig, RunConfig
+from polmctl.config.schema import LauncherConfig, RunConfig
 from polmctl.engine.metrics import read_metrics
+from polmctl.errors import ConfigError
 from polmctl.launch import ACCELERATE_CONFIGS, accelerate_config_path, rank_arguments, run_with_launcher
+from polmctl.methods.prune import PruneMethod
 
 pytestmark = pytest.mark.recipes
 
@@ -37,12 +39,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-COMMON = ["recipe=sft", "model=tiny", "eval=none", "eval.tasks=[]", "logger.progress=false", "trainer.warmup_ratio=0",
-          *STEPS, "trainer.micro_batch_size=1", "trainer.grad_accum=2"]
+COMMON = [
+    "recipe=sft",
+    "model=tiny",
+    "eval=none",
+    "eval.tasks=[]",
+    "logger.progress=false",
+    "trainer.warmup_ratio=0",
+    *STEPS,
+    "trainer.micro_batch_size=1",
+    "trainer.grad_accum=2",
+]
 
 
-def run_two_processes(command: list[str], cwd: Path | None = None,
-                      timeout: int = 300) -> subprocess.CompletedProcess:
+def run_two_processes(command: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a launcher and its ranks; on a timeout kill the whole process tree. torch's elastic agent
     starts each rank in a session of its own, so killing the launcher's group would leave a rank
     waiting on a collective after its peer died, holding the output pipes open."""
@@ -55,8 +65,9 @@ def run_two_processes(command: list[str], cwd: Path | None = None,
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
         stdout, stderr = proc.communicate(timeout=60)
-        pytest.fail(f"the two-process run took over {timeout} s (every rank killed):\n"
-                    + stdout[-3000:] + stderr[-3000:])
+        pytest.fail(
+            f"the two-process run took over {timeout} s (every rank killed):\n" + stdout[-3000:] + stderr[-3000:]
+        )
     done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -66,17 +77,33 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume(train_rec
     # One process: 2 rows x 2 micro-batches per step. Two: 1 row x 2 micro-batches on each rank.
     one = train_recipe("sft", *STEPS, "trainer.micro_batch_size=2", "trainer.grad_accum=2", run_dir=tmp_path / "one")
     run_dir = tmp_path / "two"
-    done = run_two_processes([sys.executable, "-m", "polmctl", "run", *COMMON, "launcher=accelerate",
-                              "launcher.num_processes=2", f"launcher.main_process_port={_free_port()}",
-                              f"hydra.run.dir={run_dir}"])
+    done = run_two_processes(
+        [
+            sys.executable,
+            "-m",
+            "polmctl",
+            "run",
+            *COMMON,
+            "launcher=accelerate",
+            "launcher.num_processes=2",
+            f"launcher.main_process_port={_free_port()}",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
 
     two = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]  # one writer: no line twice
     assert [m["loss"] for m in two] == pytest.approx(one.losses, rel=1e-4)
     assert [m["tokens"] for m in two] == [m["tokens"] for m in read_metrics(one.dir / "metrics.jsonl")]
     # Rank 0 wrote every file; rank 1 wrote none (no second .hydra, log or temp dir) and printed nothing.
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "final", "metrics.jsonl",
-                                                         "polmctl.log", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra",
+        "checkpoints",
+        "final",
+        "metrics.jsonl",
+        "polmctl.log",
+        "summary.json",
+    ]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-6"]
     assert (done.stdout + done.stderr).count("sft run summary") == 1
     assert "launcher=none" in (run_dir / ".hydra" / "overrides.yaml").read_text()
@@ -84,10 +111,30 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume(train_rec
     # Resume from step 4 as `accelerate launch -m polmctl` started by hand, without hydra.run.dir:
     # both ranks end up in rank 0's new timestamped run dir, and steps 5 and 6 come out the same.
     shutil.rmtree(run_dir / "checkpoints" / "step-6")
-    run_two_processes([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                       "--main_process_port", str(_free_port()), "-m", "polmctl", "run", *COMMON,
-                       f"resume={run_dir}"], cwd=tmp_path)
+    run_two_processes(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "polmctl",
+            "run",
+            *COMMON,
+            f"resume={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     [resumed_dir] = [p for p in (tmp_path / "outputs").glob("sft/*/*")]
     assert json.loads((resumed_dir / "summary.json").read_text())["resumed_from"].endswith("step-4")
     resumed = read_metrics(resumed_dir / "metrics.jsonl")
@@ -132,17 +179,23 @@ def test_shipped_accelerate_configs_are_valid(name):
 def test_unknown_accelerate_config_names_the_shipped_ones():
     with pytest.raises(ConfigError, match="launcher.config_file.*ddp, deepspeed_zero2, deepspeed_zero3, fsdp"):
         accelerate_config_path("zero9")
-    assert sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")) == ["ddp", "deepspeed_zero2", "deepspeed_zero3",
-                                                                         "fsdp"]
+    assert sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")) == [
+        "ddp",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "fsdp",
+    ]
 
 
 def test_only_the_train_runner_runs_in_several_processes(monkeypatch):
-    run = RunConfig(runner="prune", launcher=LauncherConfig(name="accelerate", num_processes=2))
-    with pytest.raises(ConfigError, match="runner 'prune' runs in one process"):
+    run = RunConfig(method=PruneMethod(), launcher=LauncherConfig(name="accelerate", num_processes=2))
+    with pytest.raises(ConfigError, match="the prune runner \\(method=prune\\) runs in one process"):
         run_with_launcher(run, lambda _: {})
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")  # started by hand with accelerate launch / torchrun
     with pytest.raises(ConfigError, match="launcher"):
-        run_with_launcher(RunConfig(runner="prune"), lambda _: {})
+        run_with_launcher(RunConfig(method=PruneMethod()), lambda _: {})
     # Inside a launched process launcher=accelerate never launches again: the runner runs here.
-    assert run_with_launcher(RunConfig(launcher=LauncherConfig(name="accelerate")), lambda _: {"ran": True}) == {"ran": True}
+    assert run_with_launcher(RunConfig(launcher=LauncherConfig(name="accelerate")), lambda _: {"ran": True}) == {
+        "ran": True
+    }

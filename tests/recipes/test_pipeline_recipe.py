@@ -13,18 +13,23 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from polmctl.config.compose import compose_config
-from polmctl.config.validate import validate
+from polmctl.compose import compose_config
 from polmctl.runners.pipeline import StageError, plan_stages, run_pipeline
+from polmctl.validate import runner_of, validate
 
 pytestmark = pytest.mark.recipes
 
 FAST = ["eval.tasks=[]", "logger.progress=false", "trainer.warmup_ratio=0", "data.max_rows=32"]
-SFT = {"name": "sft", "recipe": "sft", "overrides": ["trainer.max_steps=2", "trainer.micro_batch_size=4",
-                                                     "trainer.grad_accum=1"]}
-PRUNE = {"name": "prune", "recipe": "prune",
-         "overrides": ["model.name_or_path=${stage:sft.final}", "method.criterion=magnitude",
-                       "method.calibration_rows=8"]}
+SFT = {
+    "name": "sft",
+    "recipe": "sft",
+    "overrides": ["trainer.max_steps=2", "trainer.micro_batch_size=4", "trainer.grad_accum=1"],
+}
+PRUNE = {
+    "name": "prune",
+    "recipe": "prune",
+    "overrides": ["model.name_or_path=${stage:sft.final}", "method.criterion=magnitude", "method.calibration_rows=8"],
+}
 SHIPPED = ["compress", "instructgpt", "domain_adaptation", "r1_pipeline"]
 
 
@@ -50,7 +55,9 @@ def test_two_stages_run_in_their_own_folders_and_a_rerun_skips_them(tmp_path, ca
     written = read(run_dir / "summary.json")
     assert written == json.loads(json.dumps(summary)) and written["status"] == "completed"
     assert [(s["name"], s["recipe"], s["runner"], s["status"]) for s in written["stages"]] == [
-        ("sft", "sft", "train", "completed"), ("prune", "prune", "prune", "completed")]
+        ("sft", "sft", "train", "completed"),
+        ("prune", "prune", "prune", "completed"),
+    ]
     first = written["stages"][0]
     assert first["run_dir"] == str(sft) and first["final"] == str(sft / "final") and first["wall_time_s"] > 0
     assert first["metrics"]["steps"] == 2 and "final_loss" in first["metrics"] and "eval" in first
@@ -105,7 +112,7 @@ def test_resume_continues_an_unfinished_training_stage_from_its_checkpoint(tmp_p
 @pytest.mark.parametrize("recipe", SHIPPED)
 def test_every_shipped_pipeline_plans_all_its_stages(tmp_path, recipe):
     run = validate(compose_config([f"recipe={recipe}", "model=tiny", f"output_dir={tmp_path}"]))
-    assert run.runner == "pipeline" and run.recipe.name == recipe and run.recipe.paradigm == "integration"
+    assert runner_of(run) == "pipeline" and run.recipe.name == recipe and run.recipe.paradigm == "integration"
     plan = plan_stages(run)
     names = [s.name for s in run.method.stages]
     assert [p.dir for p in plan] == [tmp_path / f"{i}-{n}" for i, n in enumerate(names, 1)]
@@ -120,13 +127,19 @@ def test_every_shipped_pipeline_plans_all_its_stages(tmp_path, recipe):
 
 
 def test_compress_distils_from_the_input_model_and_instructgpt_rewards_with_the_rm_stage(tmp_path):
-    compress = {p.name: p for p in plan_stages(validate(compose_config(
-        ["recipe=compress", "model.name_or_path=builtin:tiny", f"output_dir={tmp_path}"])))}
+    compress = {
+        p.name: p
+        for p in plan_stages(
+            validate(compose_config(["recipe=compress", "model.name_or_path=builtin:tiny", f"output_dir={tmp_path}"]))
+        )
+    }
     assert f"model.name_or_path={tmp_path}/1-prune/final" in compress["distill"].overrides
     assert "method.teacher=builtin:tiny" in compress["distill"].overrides
     assert compress["quantize"].model == f"{tmp_path}/2-distill/final"
-    instructgpt = {p.name: p for p in plan_stages(validate(compose_config(
-        ["recipe=instructgpt", "model=tiny", f"output_dir={tmp_path}"])))}
+    instructgpt = {
+        p.name: p
+        for p in plan_stages(validate(compose_config(["recipe=instructgpt", "model=tiny", f"output_dir={tmp_path}"])))
+    }
     assert instructgpt["ppo"].model == instructgpt["rm"].model == f"{tmp_path}/1-sft/final"
     assert f"method.rewards=[{{name: reward_model, path: {tmp_path}/2-rm}}]" in instructgpt["ppo"].overrides
 
@@ -136,9 +149,23 @@ def test_on_the_command_line_a_bad_stage_fails_at_once_and_a_stray_override_is_r
     env = {**os.environ, "COLUMNS": "300", "OMP_NUM_THREADS": "1"}
 
     def polmctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "polmctl", "run", "recipe=domain_adaptation", "model=tiny",
-                               f"hydra.run.dir={tmp_path / 'run'}", *args], capture_output=True, text=True,
-                              cwd=tmp_path, env=env, timeout=120)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "polmctl",
+                "run",
+                "recipe=domain_adaptation",
+                "model=tiny",
+                f"hydra.run.dir={tmp_path / 'run'}",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
 
     bad = polmctl("method.stages.1.overrides=['trainer.lr=-1']")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr

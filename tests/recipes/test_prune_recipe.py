@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from polmctl.config.compose import compose_config
-from polmctl.config.schema import ConfigError
-from polmctl.config.validate import validate
+from polmctl.compose import compose_config
+from polmctl.errors import ConfigError
 from polmctl.models.tiny import build_tiny_model, build_tiny_tokenizer
 from polmctl.runners import RUNNERS
 from polmctl.runners.prune import run_prune
+from polmctl.validate import runner_of, validate
 
 pytestmark = pytest.mark.recipes
 
@@ -30,7 +30,7 @@ def prune(tmp_path, *overrides: str) -> dict:
 
 def test_prune_is_a_registered_runner():
     assert RUNNERS["prune"] is run_prune
-    assert validate(compose_config(["recipe=prune"])).runner == "prune"
+    assert runner_of(validate(compose_config(["recipe=prune"]))) == "prune"
 
 
 def test_magnitude_50_percent_is_reached_and_survives_reloading(tmp_path):
@@ -76,11 +76,14 @@ def test_depth_prune_drops_layers_and_reloads(tmp_path):
     assert out.shape == (1, 7)
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["method.criterion=depth", "method.num_layers_to_drop=2"], "method.num_layers_to_drop"),
-    (["model.quantization=nf4"], "model.quantization"),
-    (["peft=lora"], "peft.method"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["method.criterion=depth", "method.num_layers_to_drop=2"], "method.num_layers_to_drop"),
+        (["model.quantization=nf4"], "model.quantization"),
+        (["peft=lora"], "peft.method"),
+    ],
+)
 def test_bad_runs_fail_with_the_key_before_writing_a_model(tmp_path, overrides, key):
     with pytest.raises(ConfigError) as info:
         prune(tmp_path, *overrides)
@@ -88,11 +91,14 @@ def test_bad_runs_fail_with_the_key_before_writing_a_model(tmp_path, overrides, 
     assert not (tmp_path / "final").exists()
 
 
-@pytest.mark.parametrize("override,key", [
-    ("method.sparsity=1.0", "method.sparsity"),
-    ("method.nm_n=4", "method.nm_n"),
-    ("method.criterion=random", "method.criterion"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("method.sparsity=1.0", "method.sparsity"),
+        ("method.nm_n=4", "method.nm_n"),
+        ("method.criterion=random", "method.criterion"),
+    ],
+)
 def test_bad_method_values_fail_validation_with_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         validate(compose_config(["recipe=prune", override]))
@@ -105,8 +111,14 @@ def test_fine_tuning_a_pruned_model_keeps_its_zeros(tmp_path, train_recipe, peft
     a LoRA update merged on save is masked too; without the flag the zeros fill in."""
     summary = prune(tmp_path / "pruned", "method.criterion=magnitude", "method.sparsity=0.5")
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / "final").state_dict()
-    args = [f"model.name_or_path={tmp_path / 'pruned' / 'final'}", f"peft={peft}",
-            *(["peft.merge_on_save=true"] if peft == "lora" else []), "trainer.max_steps=3", "trainer.lr=1e-2", "trainer.micro_batch_size=4"]
+    args = [
+        f"model.name_or_path={tmp_path / 'pruned' / 'final'}",
+        f"peft={peft}",
+        *(["peft.merge_on_save=true"] if peft == "lora" else []),
+        "trainer.max_steps=3",
+        "trainer.lr=1e-2",
+        "trainer.micro_batch_size=4",
+    ]
     for keep in (True, False):
         run = train_recipe("sft", *args, f"trainer.keep_sparsity={keep}", run_dir=tmp_path / f"sft-{keep}")
         tuned = AutoModelForCausalLM.from_pretrained(run.dir / "final").state_dict()

@@ -9,16 +9,23 @@ from pathlib import Path
 
 import pytest
 
+from polmctl.compose import compose_config
 from polmctl.compress import quantize as Q
-from polmctl.config.compose import compose_config
-from polmctl.config.schema import ConfigError, ModelConfig
-from polmctl.config.validate import validate
+from polmctl.config.schema import ModelConfig
+from polmctl.errors import ConfigError
 from polmctl.models import load_model
 from polmctl.runners.quantize import run_quantize
+from polmctl.validate import validate
 
 pytestmark = pytest.mark.recipes
-FAST = ["model=tiny", "eval=none", "logger.progress=false", "method.speed_prompts=4", "method.speed_max_new_tokens=8",
-        "method.speed_batch_size=4"]
+FAST = [
+    "model=tiny",
+    "eval=none",
+    "logger.progress=false",
+    "method.speed_prompts=4",
+    "method.speed_max_new_tokens=8",
+    "method.speed_batch_size=4",
+]
 TINY_EVAL = ["eval.tasks=[arithmetic,perplexity]", "eval.before=true", "eval.max_samples=4", "eval.max_new_tokens=8"]
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 
@@ -64,8 +71,10 @@ def test_int8_with_a_tiny_eval_reports_quality_before_and_after(tmp_path):
     assert after == pytest.approx(before, rel=0.01)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
-                    reason="cpu_int8 needs torchao: pip install 'torchao>=0.15' (polmctl's quant extra)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None,
+    reason="cpu_int8 needs torchao: pip install 'torchao>=0.15' (polmctl's quant extra)",
+)
 def test_cpu_int8_runs_end_to_end(tmp_path):
     quantize(tmp_path / "run", "method.scheme=cpu_int8")
     summary = check_summary(tmp_path / "run", "cpu_int8")
@@ -92,11 +101,16 @@ def test_an_already_quantized_model_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "again" / "summary.json").exists()
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["model.quantization=nf4"], "model.quantization: got 'nf4'; the quantize recipe loads the source in full "
-                                 "precision"),
-    (["method.scheme=int4"], "method.scheme: got 'int4'; allowed: nf4, fp4, int8, cpu_int8"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (
+            ["model.quantization=nf4"],
+            "model.quantization: got 'nf4'; the quantize recipe loads the source in full precision",
+        ),
+        (["method.scheme=int4"], "method.scheme: got 'int4'; allowed: nf4, fp4, int8, cpu_int8"),
+    ],
+)
 def test_bad_input_is_one_config_error_naming_the_key(overrides, needle, tmp_path, capsys):
     from polmctl.entry import run_config
 

@@ -8,7 +8,13 @@ from polmctl.engine.trainer import Trainer
 
 pytestmark = pytest.mark.recipes
 
-ARGS = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.micro_batch_size=2", "data.max_rows=40", "trainer.lr=1e-2"]
+ARGS = [
+    "trainer.max_steps=6",
+    "trainer.save_every=2",
+    "trainer.micro_batch_size=2",
+    "data.max_rows=40",
+    "trainer.lr=1e-2",
+]
 
 
 class Killed(Exception):

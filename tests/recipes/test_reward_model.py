@@ -16,8 +16,16 @@ from polmctl.engine.metrics import read_metrics
 
 pytestmark = pytest.mark.recipes
 
-REPEATED_BATCH = ["data.max_rows=4", "trainer.micro_batch_size=4", "trainer.grad_accum=1", "trainer.max_steps=12",
-                  "peft.dropout=0", "trainer.max_grad_norm=0", "trainer.scheduler=constant", "trainer.lr=1e-2"]
+REPEATED_BATCH = [
+    "data.max_rows=4",
+    "trainer.micro_batch_size=4",
+    "trainer.grad_accum=1",
+    "trainer.max_steps=12",
+    "peft.dropout=0",
+    "trainer.max_grad_norm=0",
+    "trainer.scheduler=constant",
+    "trainer.lr=1e-2",
+]
 
 
 def test_reward_model_learns_the_training_pairs(train_recipe):
@@ -70,7 +78,7 @@ def test_an_unmerged_reward_adapter_loads_back_as_a_reward_model(train_recipe):
 
 
 def test_margin_column_raises_the_loss_by_the_required_gap():
-    from polmctl.objectives.reward import RewardMethod, RewardObjective
+    from polmctl.methods.reward_model import RewardMethod, RewardObjective
 
     class Scores(torch.nn.Module):  # a stand-in model whose score is the row's first token id
         def forward(self, input_ids, attention_mask, use_cache):
@@ -87,9 +95,12 @@ def test_margin_column_raises_the_loss_by_the_required_gap():
 
 
 def test_rows_with_and_without_margin_are_refused(train_recipe, tmp_path):
-    from polmctl.data import DataError
+    from polmctl.errors import DataError
 
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.0}, {"prompt": "r", "chosen": "c", "rejected": "d"}]
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.0},
+        {"prompt": "r", "chosen": "c", "rejected": "d"},
+    ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match="1 kept rows have no margin"):
@@ -97,9 +108,9 @@ def test_rows_with_and_without_margin_are_refused(train_recipe, tmp_path):
 
 
 def test_lm_eval_tasks_are_refused_for_a_reward_model():
-    from polmctl.config import ConfigError
-    from polmctl.config.compose import compose_config
-    from polmctl.config.validate import validate
+    from polmctl.compose import compose_config
+    from polmctl.errors import ConfigError
+    from polmctl.validate import validate
 
     with pytest.raises(ConfigError, match=r"eval.tasks\[0\].*use eval.tasks=\[reward\]"):
         validate(compose_config(["recipe=reward_model", "eval.tasks=[arithmetic]"]))
@@ -109,12 +120,32 @@ def test_lm_eval_tasks_are_refused_for_a_reward_model():
 
 def test_polmctl_eval_of_a_reward_run_reports_held_out_accuracy(train_recipe, tmp_path):
     run_dir = tmp_path / "rm"
-    run = subprocess.run([sys.executable, "-m", "polmctl", "run", "recipe=reward_model", "model=tiny", "debug=quick",
-                          "eval.before=false", "eval.max_samples=8", f"hydra.run.dir={run_dir}"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polmctl",
+            "run",
+            "recipe=reward_model",
+            "model=tiny",
+            "debug=quick",
+            "eval.before=false",
+            "eval.max_samples=8",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
-    result = subprocess.run([sys.executable, "-m", "polmctl", "eval", str(run_dir), "eval.max_samples=8"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "polmctl", "eval", str(run_dir), "eval.max_samples=8"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     (summary,) = list((tmp_path / "outputs" / "eval").glob("*/*/summary.json"))
     metrics = json.loads(summary.read_text())["eval"]["reward"]

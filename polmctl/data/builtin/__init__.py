@@ -14,8 +14,8 @@ from polmctl.data.builtin.arithmetic import arithmetic
 from polmctl.data.builtin.domain_text import domain_text
 from polmctl.data.builtin.instructions import instructions
 from polmctl.data.builtin.preference import arithmetic_feedback, arithmetic_preference, style_preference
-from polmctl.data.builtin.shapes import shapes
 from polmctl.data.builtin.reversal import reversal
+from polmctl.data.builtin.shapes import shapes
 
 BUILTIN_SOURCES: dict[str, Callable[..., list[dict]]] = {
     "arithmetic": arithmetic,

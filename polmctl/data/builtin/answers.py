@@ -1,8 +1,8 @@
 """Reading a numeric answer back out of generated text, for exact-match evaluation.
 
-    extract_answer("12 + 7 = 19. The answer is 19.")   -> "19"
-    extract_answer("So she has 1,200 coins.")          -> "1200"
-    extract_answer("The answer is **19.0**")           -> "19"
+extract_answer("12 + 7 = 19. The answer is 19.")   -> "19"
+extract_answer("So she has 1,200 coins.")          -> "1200"
+extract_answer("The answer is **19.0**")           -> "19"
 """
 
 from __future__ import annotations

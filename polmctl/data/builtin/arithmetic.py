@@ -14,25 +14,34 @@ import random
 
 from polmctl.data.builtin.answers import extract_answer
 from polmctl.data.builtin.split import check_int, sample_split
-from polmctl.data.errors import DataError
+from polmctl.errors import DataError
 
 NAMES = ["Mia", "Sam", "Ava", "Leo", "Zoe", "Omar", "Ivy", "Ben", "Nora", "Raj", "Lena", "Tom"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies"]
-ADD = ["{n} has {a} {item} and buys {b} more. How many {item} does {n} have now?",
-       "{n} had {a} {item}. A friend gave {n} {b} more. How many {item} does {n} have?",
-       "There are {a} {item} in a box and {b} more are added. How many {item} are in the box?",
-       "{n} collected {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did {n} collect in all?"]
-SUB = ["{n} has {a} {item} and gives away {b}. How many {item} does {n} have left?",
-       "There were {a} {item} on the table. {n} took {b} of them. How many {item} are left?",
-       "{n} had {a} {item} and lost {b}. How many {item} does {n} have now?",
-       "A shop had {a} {item} and sold {b}. How many {item} does the shop have left?"]
-MUL = ["{n} has {a} bags with {b} {item} in each. How many {item} does {n} have in total?",
-       "Each of {a} boxes holds {b} {item}. How many {item} are there altogether?",
-       "{n} buys {a} packs of {item}, and every pack has {b} {item}. How many {item} did {n} buy?"]
+ADD = [
+    "{n} has {a} {item} and buys {b} more. How many {item} does {n} have now?",
+    "{n} had {a} {item}. A friend gave {n} {b} more. How many {item} does {n} have?",
+    "There are {a} {item} in a box and {b} more are added. How many {item} are in the box?",
+    "{n} collected {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did {n} collect in all?",
+]
+SUB = [
+    "{n} has {a} {item} and gives away {b}. How many {item} does {n} have left?",
+    "There were {a} {item} on the table. {n} took {b} of them. How many {item} are left?",
+    "{n} had {a} {item} and lost {b}. How many {item} does {n} have now?",
+    "A shop had {a} {item} and sold {b}. How many {item} does the shop have left?",
+]
+MUL = [
+    "{n} has {a} bags with {b} {item} in each. How many {item} does {n} have in total?",
+    "Each of {a} boxes holds {b} {item}. How many {item} are there altogether?",
+    "{n} buys {a} packs of {item}, and every pack has {b} {item}. How many {item} did {n} buy?",
+]
 TEMPLATES = {"+": ADD, "-": SUB, "*": MUL}
 # The second step of a two-step problem; worded without a person so it fits every template.
-THEN = {"+": "Then {b} more are added.", "-": "Then {b} of them are taken away.",
-        "*": "Then the number of {item} is multiplied by {b}."}
+THEN = {
+    "+": "Then {b} more are added.",
+    "-": "Then {b} of them are taken away.",
+    "*": "Then the number of {item} is multiplied by {b}.",
+}
 APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 SHOWN = {"+": "+", "-": "-", "*": "x"}  # how the worked solution writes each operator
 MAX_FACTOR = 12  # multiplication keeps one factor small so products stay readable
@@ -71,8 +80,9 @@ def _draw(rng: random.Random, max_operand: int, ops: str, steps: int) -> tuple[t
     return (identity, prompt), row
 
 
-def arithmetic(split: str = "train", *, n: int | None = None, max_operand: int = 30, ops: str = "+-",
-               steps: int = 1, seed: int = 0) -> list[dict]:
+def arithmetic(
+    split: str = "train", *, n: int | None = None, max_operand: int = 30, ops: str = "+-", steps: int = 1, seed: int = 0
+) -> list[dict]:
     """``n`` word problems of ``split`` (train: 2000, test: 200 by default).
 
     With the default ``max_operand`` 30 and ``ops`` "+-" there are about 220 distinct
@@ -89,5 +99,11 @@ def arithmetic(split: str = "train", *, n: int | None = None, max_operand: int =
     check_int("arithmetic", "max_operand", max_operand, 2)
     count = n if n is not None else DEFAULT_N.get(split, DEFAULT_N["test"])
     ops = "".join(sorted(set(ops)))  # "+-" and "-+" give the same problems
-    return sample_split(split, count, seed, lambda rng: _draw(rng, max_operand, ops, steps),
-                        name="arithmetic", identity=lambda key: key[0])
+    return sample_split(
+        split,
+        count,
+        seed,
+        lambda rng: _draw(rng, max_operand, ops, steps),
+        name="arithmetic",
+        identity=lambda key: key[0],
+    )

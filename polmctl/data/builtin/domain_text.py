@@ -19,8 +19,13 @@ SUFFIX = ["bell", "wort", "leaf", "root", "bloom", "fern", "cap", "vine", "reed"
 REGIONS = ["the northern marshes", "the high valleys", "the coastal dunes", "the old forest", "the red canyons"]
 COLOURS = ["pale violet", "deep orange", "silver-green", "bright yellow", "dark blue", "rusty red"]
 SEASONS = ["early spring", "midsummer", "late autumn", "the first frost"]
-USES = ["brewed into a bitter tea", "dried and burned to keep insects away", "used to dye wool",
-        "ground into a flour", "pressed for a fragrant oil"]
+USES = [
+    "brewed into a bitter tea",
+    "dried and burned to keep insects away",
+    "used to dye wool",
+    "ground into a flour",
+    "pressed for a fragrant oil",
+]
 SENTENCES = [
     "The {name} grows in {region}, where the soil stays damp for most of the year.",
     "Its leaves are {colour} and turn darker after rain.",
@@ -34,9 +39,17 @@ SENTENCES = [
 
 def _draw(rng: random.Random) -> tuple[tuple[str, str], dict]:
     name = f"{rng.choice(PREFIX)}{rng.choice(SUFFIX)}"
-    fields = dict(name=name, region=rng.choice(REGIONS), region2=rng.choice(REGIONS), colour=rng.choice(COLOURS),
-                  season=rng.choice(SEASONS), use=rng.choice(USES), k=rng.randint(2, 9), h=rng.randint(10, 90),
-                  r=rng.randint(2, 5))
+    fields = dict(
+        name=name,
+        region=rng.choice(REGIONS),
+        region2=rng.choice(REGIONS),
+        colour=rng.choice(COLOURS),
+        season=rng.choice(SEASONS),
+        use=rng.choice(USES),
+        k=rng.randint(2, 9),
+        h=rng.randint(10, 90),
+        r=rng.randint(2, 5),
+    )
     chosen = [SENTENCES[0]] + rng.sample(SENTENCES[1:], rng.randint(2, 5))
     text = " ".join(s.format(**fields) for s in chosen)
     text = text[0].upper() + text[1:]

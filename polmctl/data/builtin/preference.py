@@ -22,14 +22,18 @@ import random
 from polmctl.data.builtin.arithmetic import APPLY, SHOWN, arithmetic
 from polmctl.data.builtin.instructions import instructions
 
-OPENERS = ["Great question! Let me think about this carefully before I answer.",
-           "Sure, I would be happy to help you with that, it is an interesting one.",
-           "Well, there are many ways to look at this, so let me walk through it slowly.",
-           "Thanks for asking! This is the kind of question I really enjoy working on."]
-CLOSERS = ["I hope this helps, and let me know if you have any other questions!",
-           "Feel free to ask again if anything about this is unclear to you.",
-           "That is my answer, although of course you should double-check it yourself.",
-           "Please tell me if you would like me to explain any part of this in more detail."]
+OPENERS = [
+    "Great question! Let me think about this carefully before I answer.",
+    "Sure, I would be happy to help you with that, it is an interesting one.",
+    "Well, there are many ways to look at this, so let me walk through it slowly.",
+    "Thanks for asking! This is the kind of question I really enjoy working on.",
+]
+CLOSERS = [
+    "I hope this helps, and let me know if you have any other questions!",
+    "Feel free to ask again if anything about this is unclear to you.",
+    "That is my answer, although of course you should double-check it yourself.",
+    "Please tell me if you would like me to explain any part of this in more detail.",
+]
 
 
 def _wrong_completion(row: dict, rng: random.Random) -> str:
@@ -49,12 +53,15 @@ def _wrong_completion(row: dict, rng: random.Random) -> str:
     return row["completion"].replace(f"{right}.", f"{wrong}.").replace(f"is {right}", f"is {wrong}")
 
 
-def arithmetic_preference(split: str = "train", *, n: int | None = None, max_operand: int = 30, ops: str = "+-",
-                          steps: int = 1, seed: int = 0) -> list[dict]:
+def arithmetic_preference(
+    split: str = "train", *, n: int | None = None, max_operand: int = 30, ops: str = "+-", steps: int = 1, seed: int = 0
+) -> list[dict]:
     rows = arithmetic(split, n=n, max_operand=max_operand, ops=ops, steps=steps, seed=seed)
     rng = random.Random(f"arithmetic_preference:{split}:{seed}")
-    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": _wrong_completion(r, rng),
-             "answer": r["answer"]} for r in rows]
+    return [
+        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": _wrong_completion(r, rng), "answer": r["answer"]}
+        for r in rows
+    ]
 
 
 def style_preference(split: str = "train", *, n: int | None = None, seed: int = 0) -> list[dict]:
@@ -68,14 +75,21 @@ def style_preference(split: str = "train", *, n: int | None = None, seed: int = 
     return pairs
 
 
-def arithmetic_feedback(split: str = "train", *, n: int | None = None, max_operand: int = 30, ops: str = "+-",
-                        steps: int = 1, seed: int = 0) -> list[dict]:
+def arithmetic_feedback(
+    split: str = "train", *, n: int | None = None, max_operand: int = 30, ops: str = "+-", steps: int = 1, seed: int = 0
+) -> list[dict]:
     """Unpaired rows for KTO: each problem with either its right answer (label true) or a
     wrong one (label false), chosen at random, so no prompt appears twice."""
     rng = random.Random(f"arithmetic_feedback:{split}:{seed}")
     rows = []
     for pair in arithmetic_preference(split, n=n, max_operand=max_operand, ops=ops, steps=steps, seed=seed):
         good = rng.random() < 0.5
-        rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good,
-                     "answer": pair["answer"]})
+        rows.append(
+            {
+                "prompt": pair["prompt"],
+                "completion": pair["chosen" if good else "rejected"],
+                "label": good,
+                "answer": pair["answer"],
+            }
+        )
     return rows

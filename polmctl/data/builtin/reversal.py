@@ -21,21 +21,27 @@ import random
 import re
 
 from polmctl.data.builtin.split import check_int, sample_split
-from polmctl.data.errors import DataError
+from polmctl.errors import DataError
 
 # Common short English words, each a single token or two for most tokenizers.
-WORDS = ("apple bird blue boat book bread cake camp card cat chair cloud coat cold corn cup dark desk dog door "
-         "dream drum duck dust egg farm fish flag frog gate gift glass gold grass hand hat hill horse house ice "
-         "jar key king lake lamp leaf lion map milk moon mouse nest night oak ocean owl paint park pear pen "
-         "pig plate rain ring river road rock rose salt sand seed ship shoe silk sky snow sock song star stone "
-         "sun table tent tiger toy train tree wall water whale wind wolf wood yard").split()
+WORDS = (
+    "apple bird blue boat book bread cake camp card cat chair cloud coat cold corn cup dark desk dog door "
+    "dream drum duck dust egg farm fish flag frog gate gift glass gold grass hand hat hill horse house ice "
+    "jar key king lake lamp leaf lion map milk moon mouse nest night oak ocean owl paint park pear pen "
+    "pig plate rain ring river road rock rose salt sand seed ship shoe silk sky snow sock song star stone "
+    "sun table tent tiger toy train tree wall water whale wind wolf wood yard"
+).split()
 MODES = ("words", "letters")
-WORDS_PROMPTS = ["Reverse the order of these words: {items}",
-                 "Write these words in reverse order: {items}",
-                 "List these words from last to first: {items}"]
-LETTERS_PROMPTS = ["Spell the word '{word}' backwards.",
-                   "Reverse the letters of the word '{word}'.",
-                   "Write '{word}' with its letters in reverse order."]
+WORDS_PROMPTS = [
+    "Reverse the order of these words: {items}",
+    "Write these words in reverse order: {items}",
+    "List these words from last to first: {items}",
+]
+LETTERS_PROMPTS = [
+    "Spell the word '{word}' backwards.",
+    "Reverse the letters of the word '{word}'.",
+    "Write '{word}' with its letters in reverse order.",
+]
 DEFAULT_N = {"train": 2000, "test": 200}
 ANSWER_IS = re.compile(r"answer is\s*[:=]?\s*([^\n.]*)", re.IGNORECASE)  # up to the end of the sentence
 
@@ -73,8 +79,15 @@ def _draw(rng: random.Random, mode: str, min_items: int, max_items: int) -> tupl
     return (identity, prompt), {"prompt": prompt, "completion": f"The answer is {answer}.", "answer": answer}
 
 
-def reversal(split: str = "train", *, n: int | None = None, mode: str = "words", min_items: int = 3,
-             max_items: int = 5, seed: int = 0) -> list[dict]:
+def reversal(
+    split: str = "train",
+    *,
+    n: int | None = None,
+    mode: str = "words",
+    min_items: int = 3,
+    max_items: int = 5,
+    seed: int = 0,
+) -> list[dict]:
     """``n`` reversal problems of ``split`` (train: 2000, test: 200 by default).
 
     mode=words: reverse a list of ``min_items``..``max_items`` distinct words (the defaults give
@@ -87,11 +100,19 @@ def reversal(split: str = "train", *, n: int | None = None, mode: str = "words",
     check_int("reversal", "min_items", min_items, 1 if mode == "letters" else 2)
     check_int("reversal", "max_items", max_items, min_items)
     if mode == "words" and max_items > len(WORDS):
-        raise DataError(f"builtin:reversal option max_items={max_items}: at most {len(WORDS)} words "
-                        "(data.options.max_items)")
+        raise DataError(
+            f"builtin:reversal option max_items={max_items}: at most {len(WORDS)} words (data.options.max_items)"
+        )
     if mode == "letters" and not any(min_items <= len(w) <= max_items for w in WORDS):
-        raise DataError(f"builtin:reversal: no word has {min_items}..{max_items} letters "
-                        "(data.options.min_items / max_items)")
+        raise DataError(
+            f"builtin:reversal: no word has {min_items}..{max_items} letters (data.options.min_items / max_items)"
+        )
     count = n if n is not None else DEFAULT_N.get(split, DEFAULT_N["test"])
-    return sample_split(split, count, seed, lambda rng: _draw(rng, mode, min_items, max_items),
-                        name="reversal", identity=lambda key: key[0])
+    return sample_split(
+        split,
+        count,
+        seed,
+        lambda rng: _draw(rng, mode, min_items, max_items),
+        name="reversal",
+        identity=lambda key: key[0],
+    )

@@ -21,10 +21,16 @@ from __future__ import annotations
 import random
 
 from polmctl.data.builtin.split import check_int, sample_split
-from polmctl.data.errors import DataError
+from polmctl.errors import DataError
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-           "purple": (140, 60, 180), "orange": (245, 130, 20)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
+}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 DEFAULT_N = {"train": 2000, "test": 200}
@@ -46,37 +52,50 @@ def _place(rng: random.Random, size: int, count: int) -> list[tuple[int, int, in
                 placed.append((x, y, r))
         if len(placed) == count:
             return placed
-    raise DataError(f"builtin:shapes cannot fit {count} shapes in a {size}x{size} picture; raise "
-                    "data.options.image_size or lower data.options.shapes")
+    raise DataError(
+        f"builtin:shapes cannot fit {count} shapes in a {size}x{size} picture; raise "
+        "data.options.image_size or lower data.options.shapes"
+    )
 
 
 def _draw(rng: random.Random, size: int, count: int) -> tuple[tuple, dict]:
     kinds = rng.sample(SHAPES, count)
     colours = rng.sample(list(COLOURS), count)
-    scene = [{"shape": k, "colour": c, "x": x, "y": y, "r": r}
-             for k, c, (x, y, r) in zip(kinds, colours, _place(rng, size, count))]
+    scene = [
+        {"shape": k, "colour": c, "x": x, "y": y, "r": r}
+        for k, c, (x, y, r) in zip(kinds, colours, _place(rng, size, count))
+    ]
     target = rng.choice(scene)
     if rng.random() < 0.5:
         question, answer, choices = COLOUR_QUESTION.format(shape=target["shape"]), target["colour"], list(COLOURS)
     else:
         question, answer, choices = SHAPE_QUESTION.format(colour=target["colour"]), target["shape"], list(SHAPES)
-    row = {"prompt": f"<image>\n{question}", "completion": answer, "answer": answer, "choices": choices,
-           "image": {"size": size, "shapes": scene}}
+    row = {
+        "prompt": f"<image>\n{question}",
+        "completion": answer,
+        "answer": answer,
+        "choices": choices,
+        "image": {"size": size, "shapes": scene},
+    }
     identity = tuple(tuple(s.values()) for s in scene)
     return (identity, question), row
 
 
-def shapes(split: str = "train", *, n: int | None = None, image_size: int = 32, shapes: int = 2,
-           seed: int = 0) -> list[dict]:
+def shapes(
+    split: str = "train", *, n: int | None = None, image_size: int = 32, shapes: int = 2, seed: int = 0
+) -> list[dict]:
     """``n`` picture questions of ``split`` (train: 2000, test: 200 by default)."""
     check_int("shapes", "image_size", image_size, 16)
     check_int("shapes", "shapes", shapes, 1)
     if shapes > len(SHAPES):
-        raise DataError(f"builtin:shapes option shapes={shapes}: at most {len(SHAPES)} (one of each kind: "
-                        f"{', '.join(SHAPES)}) (data.options.shapes)")
+        raise DataError(
+            f"builtin:shapes option shapes={shapes}: at most {len(SHAPES)} (one of each kind: "
+            f"{', '.join(SHAPES)}) (data.options.shapes)"
+        )
     count = n if n is not None else DEFAULT_N.get(split, DEFAULT_N["test"])
-    return sample_split(split, count, seed, lambda rng: _draw(rng, image_size, shapes), name="shapes",
-                        identity=lambda key: key[0])
+    return sample_split(
+        split, count, seed, lambda rng: _draw(rng, image_size, shapes), name="shapes", identity=lambda key: key[0]
+    )
 
 
 def render(spec: dict):
@@ -100,6 +119,8 @@ def render(spec: dict):
     except DataError:
         raise
     except (KeyError, TypeError, ValueError) as err:
-        raise DataError(f"an 'image' description is malformed ({type(err).__name__}: {err}); expected "
-                        "{'size': N, 'shapes': [{'shape', 'colour', 'x', 'y', 'r'}, ...]}") from None
+        raise DataError(
+            f"an 'image' description is malformed ({type(err).__name__}: {err}); expected "
+            "{'size': N, 'shapes': [{'shape', 'colour', 'x', 'y', 'r'}, ...]}"
+        ) from None
     return image

@@ -12,7 +12,7 @@ import hashlib
 import random
 from typing import Callable, Hashable
 
-from polmctl.data.errors import DataError
+from polmctl.errors import DataError
 
 TEST_FRACTION = 0.15
 SPLITS = ("train", "test")
@@ -23,7 +23,7 @@ FRESH_TRIES = 30
 
 
 def split_of(identity: Hashable) -> str:
-    """"train" or "test" for an item identity (a tuple of str/int)."""
+    """ "train" or "test" for an item identity (a tuple of str/int)."""
     digest = hashlib.sha256(repr(identity).encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < TEST_FRACTION else "train"
 
@@ -31,13 +31,21 @@ def split_of(identity: Hashable) -> str:
 def check_int(name: str, option: str, value: object, minimum: int) -> int:
     """A generator option that must be an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DataError(f"builtin:{name} option {option}={value!r}: use an integer >= {minimum} "
-                        f"(data.options.{option})")
+        raise DataError(
+            f"builtin:{name} option {option}={value!r}: use an integer >= {minimum} (data.options.{option})"
+        )
     return value
 
 
-def sample_split(split: str, n: int, seed: int, draw: Callable[[random.Random], tuple[Hashable, dict]],
-                 *, name: str, identity: Callable[[Hashable], Hashable] = lambda key: key) -> list[dict]:
+def sample_split(
+    split: str,
+    n: int,
+    seed: int,
+    draw: Callable[[random.Random], tuple[Hashable, dict]],
+    *,
+    name: str,
+    identity: Callable[[Hashable], Hashable] = lambda key: key,
+) -> list[dict]:
     """Draw rows until ``n`` distinct ones of ``split`` are found (seeded, per split).
 
     ``draw`` returns (key, row); rows are distinct by key, and the split is decided by
@@ -66,5 +74,7 @@ def sample_split(split: str, n: int, seed: int, draw: Callable[[random.Random], 
         misses = 0
         if len(rows) == n:
             return rows
-    raise DataError(f"builtin:{name}: only {len(rows)} distinct {split} rows exist with these options "
-                    f"(asked for n={n}); lower data.options.n or widen the options")
+    raise DataError(
+        f"builtin:{name}: only {len(rows)} distinct {split} rows exist with these options "
+        f"(asked for n={n}); lower data.options.n or widen the options"
+    )

@@ -1,2 +1,0 @@
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says what to do."""

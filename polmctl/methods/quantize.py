@@ -1,0 +1,51 @@
+"""Post-training weight quantization, no training: its ``method`` node (the quantize runner,
+polmctl/runners/quantize.py, does the work with polmctl/compress/quantize.py).
+
+    polmctl run recipe=quantize                            # nf4: bitsandbytes 4-bit NormalFloat, double quant
+    polmctl run recipe=quantize method.scheme=int8         # bitsandbytes LLM.int8()
+    polmctl run recipe=quantize method.scheme=cpu_int8     # torchao int8 weights, for inference on CPUs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from polmctl.compress.quantize import COMPUTE_DTYPES, SCHEMES
+from polmctl.config.schema import one_of, option, positive
+from polmctl.errors import ConfigError
+
+
+@dataclass
+class QuantizeMethod:
+    name: str = option("quantize", "quantize: post-training weight quantization, no training")
+    scheme: str = option(
+        "nf4",
+        "nf4 | fp4 (bitsandbytes 4-bit) | int8 (bitsandbytes LLM.int8) | cpu_int8 (torchao "
+        "int8 weights, for inference on CPUs; pip install 'torchao>=0.15')",
+    )
+    double_quant: bool = option(True, "nf4 / fp4: also quantize the per-block scales (about 0.4 bits per weight less)")
+    compute_dtype: str = option(
+        "auto",
+        "dtype of the activations and of the weights left unquantized (embeddings, "
+        "norms), and of nf4 / fp4 matmuls: auto (model.dtype; 4-bit matmuls in "
+        "float32 on CPU, bfloat16 or float16 on CUDA) | float32 | bfloat16 | float16",
+    )
+    dynamic_activations: bool = option(
+        False,
+        "cpu_int8: also quantize activations to int8 per token at run time "
+        "(torchao Int8DynamicActivationInt8Weight) instead of weights only",
+    )
+    speed_prompts: int = option(16, "held-out arithmetic prompts generated greedily before and after, for tokens/s")
+    speed_max_new_tokens: int = option(32, "tokens/s measurement: new tokens per prompt at most")
+    speed_batch_size: int = option(8, "tokens/s measurement: prompts per generate call")
+
+    def check(self, section: str) -> None:
+        one_of(section, "scheme", self.scheme, SCHEMES)
+        one_of(section, "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        if self.dynamic_activations and self.scheme != "cpu_int8":
+            raise ConfigError(
+                f"{section}.dynamic_activations",
+                f"only cpu_int8 quantizes activations, not {self.scheme}; set method.dynamic_activations=false",
+            )
+        for name in ("speed_prompts", "speed_max_new_tokens", "speed_batch_size"):
+            positive(section, name, getattr(self, name))

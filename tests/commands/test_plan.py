@@ -1,0 +1,111 @@
+"""``polmctl plan``: the dry run's counts match what a real run loads; the verdict follows free memory.
+
+OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/commands/test_plan.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from polmctl.commands import plan as plan_module
+from polmctl.commands.plan import make_plan
+from polmctl.config.schema import ModelConfig, PeftConfig
+from polmctl.data import encode_dataset, load_rows
+from polmctl.models import apply_peft, load_model, load_tokenizer, trainable_parameter_summary
+
+pytestmark = pytest.mark.cli
+
+TINY = ["model=tiny", "data.max_rows=64"]
+
+
+def polmctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "polmctl", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+    )
+
+
+def test_counts_match_the_loaded_model_and_the_encoded_data():
+    result = make_plan(["recipe=sft", *TINY, "data.max_length=100"])
+    model = load_model(ModelConfig(name_or_path="builtin:tiny", dtype="float32"), for_training=True)
+    real_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert result["memory"]["weights"] == real_bytes
+    assert result["parameters"] == result["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    assert result["memory"]["gradients"] == real_bytes  # full fine-tuning, float32
+    assert result["memory"]["optimizer state"] == 2 * real_bytes  # AdamW: two float32 states
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="builtin:tiny"))
+    _, stats = encode_dataset(
+        load_rows("builtin:arithmetic", "train", max_rows=64), tokenizer, source="builtin:arithmetic", max_length=100
+    )
+    data = result["data"]
+    assert (data["rows"], data["kept"], data["tokens"], data["truncated"]) == (
+        64,
+        stats.kept,
+        stats.tokens,
+        stats.truncated,
+    )
+    assert data["truncated"] > 0 and data["longest"] == 100
+
+
+def test_lora_trainable_count_is_peft_s():
+    result = make_plan(["recipe=lora", *TINY, "peft.r=4"])
+    model = load_model(ModelConfig(name_or_path="builtin:tiny", dtype="float32"), for_training=True)
+    real = apply_peft(model, PeftConfig(method="lora", r=4, alpha=8))
+    trainable, _ = trainable_parameter_summary(real)
+    assert result["trainable_parameters"] == trainable
+    assert result["memory"]["gradients"] == 4 * trainable
+    assert result["memory"]["optimizer state"] == 8 * trainable
+
+
+def test_checkpointing_lowers_activations_and_verdict_follows_free_memory(monkeypatch):
+    plain = make_plan(["recipe=sft", *TINY])
+    checkpointed = make_plan(["recipe=sft", *TINY, "model.gradient_checkpointing=true"])
+    assert checkpointed["memory"]["activations"] < plain["memory"]["activations"]
+    need = plain["total_bytes"]
+    for free, verdict in ((need * 2, "FITS"), (int(need * 1.1), "TIGHT"), (need // 2, "DOES NOT FIT")):
+        monkeypatch.setattr(plan_module, "free_memory", lambda device, free=free: (free, "test"))
+        assert make_plan(["recipe=sft", *TINY])["verdict"] == verdict
+
+
+def test_cli_plan_reports_and_exits_by_verdict():
+    ok = polmctl("plan", "recipe=lora", *TINY)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "trainable" in ok.stdout and "memory: optimizer state" in ok.stdout and "FITS" in ok.stdout
+    huge = polmctl(
+        "plan", "recipe=sft", *TINY, "data.packing=true", "data.max_length=100000", "trainer.micro_batch_size=100000"
+    )
+    assert huge.returncode == 1 and "DOES NOT FIT" in huge.stdout
+
+
+def test_cli_plan_bad_config_is_one_line():
+    result = polmctl("plan", "recipe=lora", "model=tiny", "peft.r=0")
+    assert result.returncode != 0 and "peft.r: must be > 0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_activation_estimate_is_close_to_what_autograd_saves(tiny_model):
+    """Without checkpointing, the estimate is within 25% of the bytes autograd keeps for backward."""
+    import torch
+
+    from polmctl.commands.plan import activation_bytes
+
+    rows, seq, seen = 8, 155, {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 256, (rows, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tiny_model(ids, labels=ids)
+    weights = {p.untyped_storage().data_ptr() for p in tiny_model.parameters()}
+    saved = sum(n for ptr, n in seen.items() if ptr not in weights)
+    estimate = activation_bytes(tiny_model.config, rows, seq, 4, checkpointing=False, eager=False)
+    assert 0.8 < estimate / saved < 1.25

@@ -1,0 +1,192 @@
+"""The preference losses against their formulas on hand-computed inputs.
+
+.venv/bin/python -m pytest tests/losses/test_preference.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from polmctl.losses.preference import cpo_loss, dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
+from tests.losses.formulas import close, grads, sigmoid, softplus, t
+
+pytestmark = pytest.mark.unit
+
+
+PC, PR, RC, RR = t(-10, -5), t(-12, -4), t(-11, -5), t(-11, -5)
+
+BETA = 0.5
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_policy_equal_to_reference_gives_ln2_for_dpo_and_the_target_squared_for_ipo(beta):
+    logps = t(-3.0, -17.5)
+    for loss_type in ("sigmoid", "robust"):
+        losses, _ = dpo_loss(logps, logps - 1, logps, logps - 1, beta=beta, loss_type=loss_type, label_smoothing=0.2)
+        close(losses, [math.log(2)] * 2)
+    losses, _ = dpo_loss(logps, logps - 1, logps, logps - 1, beta=beta, loss_type="ipo")
+    close(losses, [(1 / (2 * beta)) ** 2] * 2)
+
+
+def test_dpo_sigmoid_and_rewards_match_hand_computed_values():
+    losses, m = dpo_loss(PC, PR, RC, RR, beta=BETA)
+    # beta h = 1 and -0.5
+    close(losses, [softplus(-1.0), softplus(0.5)])
+    close(m["rewards/chosen"], [0.5 * 1, 0.5 * 0])
+    close(m["rewards/rejected"], [0.5 * -1, 0.5 * 1])
+    close(m["rewards/margins"], [1.0, -0.5])
+    close(m["rewards/accuracies"], [1.0, 0.0])
+
+
+def test_dpo_label_smoothing_conservative_and_robust():
+    e = 0.1
+    losses, _ = dpo_loss(PC, PR, RC, RR, beta=BETA, label_smoothing=e)
+    close(losses, [(1 - e) * softplus(-1.0) + e * softplus(1.0), (1 - e) * softplus(0.5) + e * softplus(-0.5)])
+    losses, _ = dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type="robust", label_smoothing=e)
+    close(
+        losses,
+        [
+            ((1 - e) * softplus(-1.0) - e * softplus(1.0)) / (1 - 2 * e),
+            ((1 - e) * softplus(0.5) - e * softplus(-0.5)) / (1 - 2 * e),
+        ],
+    )
+
+
+def test_dpo_without_label_smoothing_all_sigmoid_forms_agree():
+    plain, _ = dpo_loss(PC, PR, RC, RR, beta=BETA)
+    smoothed, _ = dpo_loss(PC, PR, RC, RR, beta=BETA, label_smoothing=0.0)
+    robust, _ = dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type="robust", label_smoothing=0.0)
+    torch.testing.assert_close(smoothed, plain, rtol=0, atol=0)
+    torch.testing.assert_close(robust, plain, rtol=0, atol=0)
+
+
+def test_dpo_hinge_is_zero_once_beta_h_reaches_one():
+    # h = 2, 1, 3, -1 -> beta h = 1, 0.5, 1.5, -0.5
+    pc, rc = t(-10, -10, -10, -5), t(-11, -11, -11, -5)
+    pr, rr = t(-12, -11, -13, -4), t(-11, -11, -11, -5)
+    losses, _ = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="hinge")
+    close(losses, [0.0, 0.5, 0.0, 1.5])
+
+
+def test_dpo_ipo_matches_hand_computed_values_and_is_zero_at_its_target():
+    losses, m = dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type="ipo", label_smoothing=0.3)  # ignored by ipo
+    close(losses, [(2 - 1) ** 2, (-1 - 1) ** 2])  # 1 / (2 beta) = 1
+    close(m["rewards/margins"], [1.0, -0.5])
+    at_target, _ = dpo_loss(t(4.0), t(-1.0), t(0.0), t(0.0), beta=0.1, loss_type="ipo")  # h = 5 = 1 / (2 beta)
+    close(at_target, [0.0])
+
+
+def test_dpo_rejects_unknown_loss_and_robust_smoothing_of_a_half():
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type="kto_pair")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type="robust", label_smoothing=0.5)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
+def test_dpo_gradient_raises_chosen_and_lowers_rejected(loss_type):
+    # At policy == reference, h = 0: below the hinge and IPO targets, so all four push h up.
+    ref_c, ref_r = t(-10, -7), t(-12, -6)
+
+    def loss(c, r):
+        return dpo_loss(c, r, ref_c, ref_r, beta=BETA, loss_type=loss_type, label_smoothing=0.1)
+
+    d_chosen, d_rejected = grads(loss, ref_c, ref_r)
+    assert (d_chosen < 0).all() and (d_rejected > 0).all()
+
+
+def test_simpo_matches_hand_computed_values_and_rewards_are_beta_avg():
+    losses, m = simpo_loss(t(-1.0, -2.0), t(-1.5, -1.0), beta=2.0, gamma=0.5)
+    # 2 * 0.5 - 0.5 = 0.5 and 2 * -1 - 0.5 = -2.5
+    close(losses, [softplus(-0.5), softplus(2.5)])
+    close(m["rewards/chosen"], [-2.0, -4.0])
+    close(m["rewards/rejected"], [-3.0, -2.0])
+    close(m["rewards/accuracies"], [1.0, 0.0])
+
+
+def test_simpo_margin_raises_the_loss_of_a_fixed_pair():
+    chosen, rejected = t(-1.0), t(-1.5)
+    by_gamma = [simpo_loss(chosen, rejected, beta=2.0, gamma=g)[0].item() for g in (0.0, 0.5, 1.0)]
+    assert by_gamma[0] < by_gamma[1] < by_gamma[2]
+    assert by_gamma[0] == pytest.approx(softplus(-1.0))
+
+
+def test_cpo_matches_hand_computed_values():
+    losses, m = cpo_loss(t(-20.0, -30.0), t(-30.0, -25.0), beta=0.1)
+    close(losses, [softplus(-1.0), softplus(0.5)])
+    close(m["rewards/chosen"], [-2.0, -3.0])
+    close(m["rewards/margins"], [1.0, -0.5])
+
+
+def test_orpo_matches_hand_computed_values():
+    # p_c = 0.5 -> odds 1, log odds 0; p_r = 0.2 -> odds 0.25; log odds ratio = log 4
+    losses, m = orpo_loss(t(math.log(0.5)), t(math.log(0.2)), beta=0.1)
+    close(losses, [0.1 * math.log(1.25)])  # -logsig(log 4) = log(1 + 1/4)
+    close(m["log_odds_ratio"], [math.log(4)])
+    close(m["log_odds_chosen"], [0.0])
+    close(m["rewards/chosen"], [0.1 * math.log(0.5)])
+
+
+def test_orpo_log_odds_stay_accurate_near_zero():
+    # log odds of p = exp(-1e-5): x - log(1 - e^x), computed in float64 here. In float32,
+    # log1p(-exp(x)) is off by ~5e-4 relative at this x.
+    x = -1e-5
+    _, m = orpo_loss(t(x), t(math.log(0.5)), beta=0.1)
+    torch.testing.assert_close(m["log_odds_chosen"], t(x - math.log(-math.expm1(x))), rtol=1e-5, atol=0)
+
+
+def test_orpo_is_finite_with_finite_gradients_when_avg_logp_is_zero_or_nearly():
+    chosen = t(0.0, -1e-9, -1e-6, -50.0).requires_grad_()
+    rejected = t(-1e-7, 0.0, -2.0, -60.0).requires_grad_()
+    losses, m = orpo_loss(chosen, rejected, beta=0.1)
+    losses.sum().backward()
+    for value in (losses, m["log_odds_ratio"], chosen.grad, rejected.grad):
+        assert torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("name", ["simpo", "cpo", "orpo"])
+def test_reference_free_gradients_raise_chosen_and_lower_rejected(name):
+    loss = {
+        "simpo": lambda c, r: simpo_loss(c, r, beta=2.0, gamma=0.5),
+        "cpo": lambda c, r: cpo_loss(c, r, beta=0.1),
+        "orpo": lambda c, r: orpo_loss(c, r, beta=0.1),
+    }[name]
+    d_chosen, d_rejected = grads(loss, t(-1.2, -0.3), t(-0.8, -2.0))
+    assert (d_chosen < 0).all() and (d_rejected > 0).all()
+
+
+def test_kto_matches_hand_computed_values():
+    # r = 1 (desirable) and -1 (undesirable), kl = 0.2
+    losses, m = kto_loss(
+        t(-3, -4),
+        t(-4, -3),
+        torch.tensor([True, False]),
+        torch.tensor(0.2),
+        beta=0.5,
+        desirable_weight=1.5,
+        undesirable_weight=0.5,
+    )
+    close(losses, [1.5 * (1 - sigmoid(0.5 * 0.8)), 0.5 * (1 - sigmoid(0.5 * 1.2))])
+    close(m["rewards/chosen"], [0.5, 0.0])
+    close(m["rewards/rejected"], [0.0, -0.5])
+    close(m["desirable"], [1.0, 0.0])
+    close(m["kl"], [0.2, 0.2])
+
+
+def test_kto_all_desirable_ignores_undesirable_weight_and_falls_as_r_rises():
+    policy, ref, labels, kl = t(-5, -4, -3, -2), t(-4, -4, -4, -4), torch.ones(4, dtype=torch.bool), torch.tensor(0.1)
+    losses, _ = kto_loss(policy, ref, labels, kl, beta=0.5, undesirable_weight=1.0)
+    other, _ = kto_loss(policy, ref, labels, kl, beta=0.5, undesirable_weight=7.0)
+    torch.testing.assert_close(other, losses, rtol=0, atol=0)
+    assert (losses[1:] < losses[:-1]).all()  # r = -1, 0, 1, 2
+
+
+def test_kto_kl_estimate_is_the_mean_clamped_at_zero_and_detached():
+    policy = t(-3.0, -5.0).requires_grad_()
+    kl = kto_kl_estimate(policy, t(-4.0, -5.5))  # mean(1, 0.5)
+    torch.testing.assert_close(kl, torch.tensor(0.75))
+    assert not kl.requires_grad
+    assert kto_kl_estimate(policy, t(-1.0, -2.0)).item() == 0.0  # mean(-2, -3) < 0

@@ -1,0 +1,170 @@
+"""Every YAML in polmctl/conf composes and validates; bad configs fail with the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from polmctl.cli import recipe_infos
+from polmctl.compose import compose_config, compose_validated
+from polmctl.config.schema import PARADIGMS, RunConfig
+from polmctl.errors import ConfigError
+from polmctl.validate import validate
+
+pytestmark = pytest.mark.config
+
+CONF = Path(__file__).resolve().parents[1] / "polmctl" / "conf"
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+
+
+def group_options():
+    for group in ("model", "data", "peft", "trainer", "logger", "eval", "debug"):
+        for path in sorted((CONF / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates(recipe):
+    run, text = compose_validated([f"recipe={recipe}"])
+    assert isinstance(run, RunConfig)
+    assert run.recipe.name == recipe, "recipe.name must match the file name"
+    assert run.recipe.paradigm in PARADIGMS and run.recipe.summary
+    assert f"name: {recipe}" in text
+
+
+# Options that only make sense beside another choice: a reward-model eval needs a reward
+# model; virtual-token adapters do not pack (the default recipe, lora, packs its SFT micro-batches).
+COMPANIONS = {
+    ("eval", "reward"): ["recipe=reward_model"],
+    ("peft", "prompt_tuning"): ["data.packing=false"],
+    ("peft", "prefix_tuning"): ["data.packing=false"],
+}
+
+
+@pytest.mark.parametrize("group,option", list(group_options()))
+def test_every_group_option_composes_and_validates(group, option):
+    run, _ = compose_validated([f"{group}={option}", *COMPANIONS.get((group, option), [])])
+    assert isinstance(run, RunConfig)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_files_open_with_their_command(recipe):
+    lines = (CONF / "recipe" / f"{recipe}.yaml").read_text().splitlines()
+    assert lines[0] == "# @package _global_"
+    assert lines[1] == f"# polmctl run recipe={recipe}"
+    assert lines[2].startswith("# Paradigm: ")
+
+
+def test_recipes_listing_reads_every_file():
+    assert sorted(r["name"] for r in recipe_infos()) == RECIPES
+
+
+def test_overrides_reach_the_typed_config():
+    run, _ = compose_validated(["recipe=lora", "trainer.lr=1e-4", "peft.r=4", "model=tiny"])
+    assert run.trainer.lr == pytest.approx(1e-4) and run.peft.r == 4
+    assert run.model.name_or_path == "builtin:tiny" and run.peft.method == "lora"
+
+
+def test_recipe_selects_its_group_options():
+    assert compose_validated(["recipe=qlora"])[0].model.quantization == "nf4"
+    assert compose_validated(["recipe=sft"])[0].peft.method == "none"
+    assert compose_validated(["recipe=continued_pretraining"])[0].data.source == "builtin:domain_text"
+
+
+@pytest.mark.parametrize(
+    "override,key,hint",
+    [
+        ("trainer.lr=-1", "trainer.lr", "> 0"),
+        ("peft.r=0", "peft.r", "> 0"),
+        ("+trainer.foo=1", "trainer.foo", "max_steps"),
+        ("+foo=1", "foo", "trainer"),
+        ("data.overlong=maybe", "data.overlong", "truncate, drop, error"),
+        ("model.dtype=fp8", "model.dtype", "bfloat16"),
+        ("trainer.scheduler=step", "trainer.scheduler", "cosine"),
+        ("+method.beta=0.1", "method.beta", "valid keys here: name"),
+        ("method.name=nope", "method.name", "sft, dpo"),
+        ("method.objective=dpo", "method.objective", "use method.name"),
+        ("runner=prune", "runner", "the runner follows from the method"),
+        ("eval.tasks=[mmlu]", "eval.tasks[0]", "arithmetic"),
+        ("peft.dropout=1.5", "peft.dropout", "[0, 1)"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, key, hint):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config([override]))
+    assert info.value.key == key
+    assert hint in str(info.value)
+    assert str(info.value).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("recipe=nope", "Available options in 'recipe'"),
+        ("trainer.lr=abc", "trainer.lr"),
+        ("trainer.nope=1", "trainer.nope"),
+    ],
+)
+def test_composition_errors_are_one_line_with_the_key(override, needle):
+    with pytest.raises(ValueError) as info:
+        compose_config([override])
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "recipe,runner",
+    [
+        ("sft", "train"),
+        ("dpo", "train"),
+        ("prune", "prune"),
+        ("quantize", "quantize"),
+        ("merge", "merge"),
+        ("vlm_adapter", "vlm"),
+        ("r1_pipeline", "pipeline"),
+    ],
+)
+def test_the_runner_follows_from_the_method(recipe, runner):
+    from polmctl.validate import runner_of
+
+    assert runner_of(compose_validated([f"recipe={recipe}"])[0]) == runner
+
+
+def test_choosing_a_method_chooses_its_runner():
+    from polmctl.validate import runner_of
+
+    assert runner_of(compose_validated(["recipe=sft", "method=prune"])[0]) == "prune"
+
+
+def test_no_recipe_restates_its_runner():
+    for path in sorted((CONF / "recipe").glob("*.yaml")):
+        assert "\nrunner:" not in "\n" + path.read_text(), path.name
+
+
+def test_a_runner_refuses_another_method():
+    from polmctl.runners.common import begin
+
+    run, _ = compose_validated(["recipe=sft", "model=tiny"])
+    with pytest.raises(
+        ConfigError, match=r"method.name: the prune runner reads method=prune, got 'sft'; use recipe=prune"
+    ):
+        begin(run, "prune")
+
+
+SNAPSHOTS = Path(__file__).parent / "show_snapshots"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_show_prints_what_it_printed_before_the_methods_moved(recipe):
+    """`polmctl show recipe=X` as taken before methods got their own home (show_snapshots/, written by the
+    code of commit c985f8f): the same composed config, except what the move said it would change:
+    ``method.objective`` is now ``method.name``, the top-level ``runner`` follows from the method, and
+    the GRPO family has ``method.importance_level`` (token; RLOO: sequence, as its paper)."""
+    expected = []
+    for line in (SNAPSHOTS / f"{recipe}.yaml").read_text().splitlines():
+        if line.startswith("runner: "):
+            continue
+        expected.append(line.replace("  objective: ", "  name: ", 1) if line.startswith("  objective: ") else line)
+        if line.startswith("  loss_type: ") and recipe in ("grpo", "rloo"):
+            expected.append(f"  importance_level: {'sequence' if recipe == 'rloo' else 'token'}")
+    assert compose_validated([f"recipe={recipe}"])[1].splitlines() == expected
