@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.polmctl-setup
 # takes it instead of downloading a multi-GB CUDA build; elsewhere pip resolves it normally.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo survey test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/polmctl run recipe=lora
+
+# One recipe per paradigm on SmolLM2 (about 75 min on 2 CPU cores): survey/table.md, table.json, report.html.
+# SURVEY_ARGS="--quick" for the same chain on the tiny model, "--resume" to go on after a failure.
+survey: setup
+	$(VENV)/bin/polmctl survey $(SURVEY_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -6,8 +6,14 @@ polmctl show recipe=dpo method.beta=0.2        # the composed, validated config
 polmctl eval outputs/lora/2026-11-24/10-00-00  # evaluate a run or a model
 polmctl runs                                   # every run, newest first (--json)
 polmctl compare multirun/2026-11-25/10-00-00   # a sweep's metrics table and a PNG of loss over steps
+polmctl report outputs/lora/2026-11-24/10-00-00 # a run's self-contained HTML page (curves, generations)
+polmctl survey                                 # one recipe per paradigm on SmolLM2: survey/ (table, page)
 polmctl chat outputs/lora/2026-11-24/10-00-00  # talk to a run's model (--prompt for one reply)
 polmctl doctor                                 # versions, devices, bitsandbytes, builtin models, caches
+polmctl data critique builtin:instructions --out cai.jsonl   # critique-and-revise SFT and preference rows
+polmctl data inspect rows.jsonl                 # rows, token lengths (PNG), exact and near duplicates
+polmctl data filter rows.jsonl --out kept.jsonl --dedup --near-dedup 0.8   # screen before SFT, with a report
+polmctl data raft qa.jsonl docs.jsonl --out raft.jsonl   # RAFT rows: oracle document among distractors
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+
+from polmctl.commands import data_screen
 
 app = typer.Typer(
     name="polmctl",
@@ -59,9 +67,13 @@ def recipes() -> None:
     Example: polmctl recipes
     """
     table = Table(title="polmctl recipes  (run one with: polmctl run recipe=NAME)", title_justify="left")
-    for col in ("recipe", "paradigm", "method", "summary"):
-        table.add_column(col, overflow="fold")
-    for row in sorted(recipe_infos(), key=lambda r: (PARADIGM_ORDER.get(r["paradigm"], 9), r["name"])):
+    infos = recipe_infos()
+    # Names are what people type: never cut or wrapped; the method and summary wrap into what is left.
+    table.add_column("recipe", no_wrap=True, min_width=max(len(r["name"]) for r in infos))
+    table.add_column("paradigm", no_wrap=True)
+    table.add_column("method", overflow="fold")
+    table.add_column("summary", overflow="fold")
+    for row in sorted(infos, key=lambda r: (PARADIGM_ORDER.get(r["paradigm"], 9), r["name"])):
         table.add_row(row["name"], row["paradigm"], row["method"], row["summary"])
     out.print(table)
 
@@ -119,6 +131,12 @@ def eval_(
     if model is not None and "=" in model:  # `polmctl eval model=tiny ...`: an override, not a path
         args.insert(0, model)
         model = None
+    if model is not None:
+        from polmctl.models.load import checkpoint_hint
+
+        hint = checkpoint_hint(Path(model))
+        if hint:  # before Hydra makes a run dir for an evaluation that cannot load
+            _fail(hint)
     overrides = ["eval.before=false", "hydra.run.dir=outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}"]
     own = _run_eval_overrides(Path(model)) if model is not None else []
     if not any(o.startswith("recipe=") for o in own):
@@ -205,6 +223,63 @@ def compare(
 
 
 @app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a run dir (a pipeline's too: every stage gets its section)"),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="the HTML file (default: <run dir>/report.html)"),
+    samples: int = typer.Option(8, "--samples", min=0, help="generations shown per eval task, before and after"),
+) -> None:
+    """Write a self-contained HTML page of a run: numbers, eval before/after, curves, generations, config.
+
+    Nothing on the page is fetched from the network (plots are inline PNG images).
+
+    [bold]Examples[/]
+
+      polmctl report outputs/lora/2026-11-24/10-00-00\n
+      polmctl report outputs/compress/2026-11-25/10-00-00 --out compress.html --samples 12
+    """
+    from polmctl.commands.report import write_report
+    from polmctl.errors import CommandError
+
+    try:
+        path = write_report(run_dir, out_path, samples)
+    except CommandError as err:
+        _fail(str(err))
+    out.print(f"report: {path}", highlight=False, soft_wrap=True)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def survey(
+    ctx: typer.Context,
+    quick: bool = typer.Option(False, "--quick", help="model=tiny and a few steps per stage: the chain in a minute"),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="the survey's run dir (default: survey/; with --quick: survey-quick/)"
+    ),
+    resume: bool = typer.Option(False, "--resume", help="go on in --out: finished stages are skipped"),
+) -> None:
+    """Run one recipe per paradigm on one model (recipe=survey, a pipeline), then write its table
+    (table.md, table.json) and its page (report.html) into the run dir. Extra arguments are Hydra
+    overrides of the pipeline.
+
+    [bold]Examples[/]
+
+      polmctl survey                  [dim]# SmolLM2-135M-Instruct, into survey/[/]\n
+      polmctl survey --quick          [dim]# model=tiny, tiny step counts, into survey-quick/[/]\n
+      polmctl survey --resume         [dim]# after a failure or a kill: finished stages are skipped[/]
+    """
+    from polmctl.commands.survey import run_survey
+    from polmctl.errors import CommandError
+
+    try:
+        code, paths = run_survey(out_dir, quick, resume, list(ctx.args))
+    except CommandError as err:
+        _fail(str(err))
+    for what, path in paths.items():
+        out.print(f"{what}: {path}", highlight=False, soft_wrap=True)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def chat(
     model: str = typer.Argument(..., help="a run dir, a model dir, builtin:<name> or a hub id"),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="send one message, print the reply, exit"),
@@ -214,6 +289,13 @@ def chat(
     top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0, help="nucleus sampling mass"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed the sampler (repeatable replies)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    cache: str = typer.Option("dynamic", "--cache", help="KV cache: dynamic | quantized (generation.cache)"),
+    cache_backend: str = typer.Option("hqq", "--cache-backend", help="quantized cache: hqq | quanto | fp8"),
+    cache_nbits: int = typer.Option(4, "--cache-nbits", help="quantized cache: bits per key/value"),
+    cache_group_size: int = typer.Option(64, "--cache-group-size", help="quantized cache: numbers per scale"),
+    cache_residual_length: int = typer.Option(
+        128, "--cache-residual-length", help="quantized cache: newest tokens kept in full precision"
+    ),
 ) -> None:
     """Chat with a model or a finished run through its chat template, streaming the reply.
 
@@ -225,10 +307,18 @@ def chat(
       polmctl chat builtin:smollm2-135m --prompt "What is 12+7?" --temperature 0
     """
     from polmctl.commands.chat import ChatSettings, run_chat
+    from polmctl.config.schema import GenerationConfig
     from polmctl.errors import CommandError, DataError, ModelError
 
+    generation = GenerationConfig(cache, cache_backend, cache_nbits, cache_group_size, cache_residual_length)
     settings = ChatSettings(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system, device=device, seed=seed
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        system=system,
+        device=device,
+        seed=seed,
+        generation=generation,
     )
     note = Console(stderr=True).print
     try:
@@ -332,6 +422,91 @@ def plan(ctx: typer.Context) -> None:
     out.print(f"[bold]{result['verdict']}[/]: {result['verdict_reason']}", highlight=False, soft_wrap=True)
     if result["verdict"] == "DOES NOT FIT":
         raise typer.Exit(1)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+data_app = typer.Typer(help="Make, inspect and screen training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+# inspect, filter, raft: their options and work are in polmctl/commands/data_screen.py (typer and rich only)
+data_app.command(name="inspect")(data_screen.inspect_source)
+data_app.command(name="filter")(data_screen.filter_source)
+data_app.command(name="raft")(data_screen.raft_rows)
+
+
+@data_app.command()
+def critique(
+    source: str = typer.Argument(..., help="rows with a prompt: builtin:<name>, a .jsonl/.json/.csv/.parquet file"),
+    out_path: Path = typer.Option(..., "--out", "-o", help="the SFT rows {prompt, completion} (.jsonl)"),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="the preference rows (default: <out>.pairs.jsonl)"),
+    principles: Optional[Path] = typer.Option(None, "--principles", help="a YAML list or text file of principles"),
+    model: str = typer.Option("builtin:smollm2-135m", "--model", help="who drafts, critiques and revises"),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="critique-and-revise rounds per prompt"),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="use the first N rows of SOURCE"),
+    split: str = typer.Option("train", "--split", help="the split of a builtin or hub source"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="longest draft, critique or revision"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy"),
+    seed: int = typer.Option(0, "--seed", help="seeds the principle drawn per row and round, and sampling"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts generated together"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Critique-and-revise data (Constitutional AI): the model drafts an answer to each prompt,
+    critiques it against a principle and revises it; writes SFT rows (the revision) and preference
+    rows (revision over draft) that recipe=sft and recipe=dpo train on.
+
+    [bold]Examples[/]
+
+      polmctl data critique builtin:instructions --max-rows 200 --out cai.jsonl\n
+      polmctl data critique prompts.jsonl --principles mine.yaml --rounds 2 --out cai.jsonl\n
+      polmctl run recipe=sft data.source=cai.jsonl;  polmctl run recipe=dpo data.source=cai.pairs.jsonl
+    """
+    from rich.progress import Progress
+
+    from polmctl.commands.chat import load_for_chat, pick_device
+    from polmctl.commands.critique import check_outputs, critique_and_revise, load_principles, pairs_path, write_jsonl
+    from polmctl.data import load_rows
+    from polmctl.data.prompts import prompt_rows
+    from polmctl.errors import CommandError, DataError, ModelError
+
+    pairs = pairs or pairs_path(out_path)
+    try:
+        check_outputs(out_path, pairs)
+        rules = load_principles(principles)
+        rows, _ = prompt_rows(load_rows(source, split, max_rows=max_rows), source)
+        if temperature > 0:
+            from transformers import set_seed
+
+            set_seed(seed)
+        lm, tokenizer = load_for_chat(model, pick_device(device))
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"critique and revise ({len(rules)} principles)", total=len(rows))
+            sft_rows, pair_rows, stats = critique_and_revise(
+                lm,
+                tokenizer,
+                rows,
+                rules,
+                rounds=rounds,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+                batch_size=batch_size,
+                advance=lambda n: bar.advance(task, n),
+            )
+    except (CommandError, DataError, ModelError) as err:
+        _fail(str(err))
+    if not sft_rows:
+        _fail(
+            f"{model} revised none of the {stats.rows} prompts into a non-empty answer; nothing written. Raise "
+            "--max-new-tokens, sample (--temperature 0.7), or use a model that follows instructions"
+        )
+    write_jsonl(out_path, sft_rows)
+    write_jsonl(pairs, pair_rows)
+    out.print(
+        f"{stats.rows} prompts: {stats.sft_rows} SFT rows -> {out_path}, {stats.pairs} preference rows -> {pairs} "
+        f"({stats.empty_revisions} empty revisions dropped, {stats.unchanged} revisions equal to their draft)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _fail(message: str) -> None:

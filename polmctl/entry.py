@@ -2,19 +2,27 @@
 
 ``polmctl run ARGS`` hands ARGS to Hydra unchanged, so everything Hydra accepts works:
 overrides, ``-m`` sweeps, ``--cfg job``, ``hydra/launcher=...``, sweepers.
+
+The runner runs holding its run dir (``runners.common.held_run_dir``: a second run into it stops at
+once). Ctrl-C exits 130 with a line naming the last checkpoint and the command that resumes; a user
+error exits 1 with its one line; either way summary.json says how the run ended.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
 
 import hydra
 from omegaconf import DictConfig
+from rich.markup import escape
 
+from polmctl.config.schema import RunConfig
 from polmctl.console import console
 from polmctl.errors import USER_ERRORS, ConfigError
 from polmctl.methods.registry import register_configs
@@ -25,7 +33,8 @@ register_configs()
 
 def fail(kind: str, message: str, code: int = 2) -> None:
     console.quiet = False  # ranks > 0 of a multi-process run are quiet, but not about their own errors
-    console.print(f"[bold red]{kind}:[/] {message}", highlight=False, soft_wrap=True)
+    # Escaped: messages are plain text, and brackets in them (eval.tasks=[a,b], paths) are not rich markup.
+    console.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
 
 
@@ -39,16 +48,60 @@ def run_config(cfg: DictConfig) -> Any:
     except ConfigError as err:
         fail("config error", str(err))
     from polmctl.launch import run_with_launcher
-    from polmctl.runners import RUNNERS
 
     try:
-        summary = run_with_launcher(run, RUNNERS[runner_of(run)])  # launcher=accelerate: N processes
+        summary = run_with_launcher(run, run_holding_its_dir)  # launcher=accelerate: N processes
+    except KeyboardInterrupt:
+        interrupted(run)
     except USER_ERRORS as err:
         fail(type(err).__name__, str(err).strip() or repr(err), code=1)
     try:
         return sweep_objective(run, summary)  # sweep.metric, for sweepers that optimise it
     except ConfigError as err:
         fail("config error", str(err))
+
+
+def run_holding_its_dir(run: RunConfig) -> dict[str, Any]:
+    """The run's runner, holding its run dir from before anything loads (of several processes, rank 0 holds it)."""
+    from polmctl.runners.common import held_run_dir
+
+    command = "polmctl run " + shlex.join(sys.argv[1:])
+    with held_run_dir(Path(run.output_dir), command, lock=int(os.environ.get("RANK", "0")) == 0):
+        from polmctl.runners import RUNNERS
+
+        return RUNNERS[runner_of(run)](run)
+
+
+def interrupted(run: RunConfig) -> NoReturn:
+    """Ctrl-C: one line with the last checkpoint and the command that goes on from it; exit 130."""
+    from polmctl.engine.checkpoint import newest_checkpoint
+    from polmctl.launch import launched_world_size
+
+    run_dir = Path(run.output_dir)
+    last = newest_checkpoint(run_dir)
+    where = f"last checkpoint {last}" if last else "no checkpoint was written (trainer.save_every=0)"
+    if runner_of(run) not in ("train", "pipeline"):
+        then = "this runner does not resume: run the command again"
+    elif launched_world_size() is not None:  # a rank of accelerate launch: the launch command is not ours
+        then = f"resume: add resume=auto hydra.run.dir={shlex.quote(str(run_dir))} to the launch command"
+    else:
+        then = f"resume with: {resume_command(run_dir)}"
+    console.quiet = False
+    console.print(f"[bold yellow]interrupted:[/] {escape(f'{where}; {then}')}", highlight=False, soft_wrap=True)
+    raise SystemExit(130)
+
+
+def resume_command(run_dir: Path) -> str:
+    """This job's command with resume=auto, pointed at its run dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    given = HydraConfig.get().overrides if HydraConfig.initialized() else None
+    task, hydra_args = (list(given.task), list(given.hydra)) if given else (sys.argv[1:], [])
+    own = ("resume", "hydra.run.dir", "hydra.sweep", "hydra.mode", "hydra.job.num", "hydra.job.id", "hydra.runtime")
+    args = [o for o in task + hydra_args if not o.split("=", 1)[0].lstrip("+~").startswith(own)] + ["resume=auto"]
+    if not any(o.split("=", 1)[0] == "output_dir" for o in args):
+        args.append(f"hydra.run.dir={run_dir}")
+    return "polmctl run " + shlex.join(args)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -85,9 +138,7 @@ def main(args: Sequence[str] | None = None) -> None:
         fail("config error", str(err))
     missing = missing_plugin(sys.argv[1:])
     if missing:
-        from rich.markup import escape
-
-        fail("missing plugin", escape(missing))
+        fail("missing plugin", missing)
     from polmctl.launch import rank_arguments
 
     sys.argv = [sys.argv[0], *rank_arguments(sys.argv[1:])]  # ranks > 0 leave .hydra/ and the log to rank 0

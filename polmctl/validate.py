@@ -23,6 +23,9 @@ from polmctl.errors import ConfigError
 from polmctl.evals import check_tasks_fit
 from polmctl.evals.lm_eval import check_lm_eval_task, is_lm_eval_task
 from polmctl.methods.registry import method_spec
+from polmctl.models.peft_variants import check_peft_fits
+from polmctl.rollout.cache import check_generation_fits
+from polmctl.targets import check_config_targets
 
 
 def _schema_at(schema: type, path: list[str]) -> type:
@@ -107,6 +110,7 @@ def validate(cfg: DictConfig) -> RunConfig:
             )
     run: RunConfig = _typed(tree, RunConfig, "")
     run.method = _typed(method_node, spec.schema, "method")
+    check_config_targets(run)  # a _target_ anywhere names allowed code, before anything imports it
 
     for section in SECTIONS:
         getattr(run, section).check(section)
@@ -117,9 +121,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     if check:
         check("method")
     if spec.runner == "train":
-        check_tasks_fit(
-            run.eval.tasks, spec.objective(run.method).model_head == "reward", f"what method={run.method.name} trains"
-        )
+        head = spec.objective(run.method).model_head
+        check_tasks_fit(run.eval.tasks, head, f"what method={run.method.name} trains")
     if run.data.packing and run.peft.method in ("prompt_tuning", "prefix_tuning"):
         # A packed micro-batch is one sequence: the soft prompt or prefix would precede only its first row.
         raise ConfigError(
@@ -128,6 +131,8 @@ def validate(cfg: DictConfig) -> RunConfig:
             "tokens would precede only the first row of each pack); set "
             "data.packing=false",
         )
+    check_peft_fits(run)  # the adapter against the model, the device and resume
+    check_generation_fits(run)  # a quantized KV cache: its backend installed, a cache to quantize
     if run.resume not in (None, "auto") and not run.resume:
         raise ConfigError("resume", "use auto or a checkpoint path")
     return run

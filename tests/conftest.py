@@ -13,6 +13,13 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("POLMCTL_CACHE", str(tmp_path_factory.getbasetemp() / "polmctl-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _allow_test_targets(monkeypatch):
+    """Reward functions the tests name by ``_target_`` live in tests.*; a user allows their own package
+    the same way (polmctl/targets.py). Tests of the allow-list itself set or clear it."""
+    monkeypatch.setenv("POLMCTL_ALLOW_TARGETS", "tests")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

@@ -40,6 +40,19 @@ def test_recipes_lists_every_recipe_with_its_paradigm():
     assert "fine-tuning" in result.stdout
 
 
+def test_recipes_never_cuts_a_recipe_name_in_an_80_column_terminal():
+    from polmctl.cli import recipe_infos
+
+    result = subprocess.run(
+        [*POLMCTL, "recipes"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    first_cells = {line.split("│")[1].strip() for line in lines if line.startswith("│")}
+    assert {r["name"] for r in recipe_infos()} <= first_cells  # each name whole, on one line
+
+
 def test_show_prints_the_composed_config():
     result = polmctl("show", "recipe=dora", "trainer.lr=1e-4", "model=tiny")
     assert result.returncode == 0, result.stderr
@@ -103,3 +116,27 @@ def test_eval_command_evaluates_a_model(tmp_path):
     assert result.returncode == 0, result.stderr
     (summary,) = list((tmp_path / "outputs" / "eval").glob("*/*/summary.json"))
     assert 0.0 <= json.loads(summary.read_text())["eval"]["arithmetic"]["accuracy"] <= 1.0
+
+
+def test_eval_on_a_checkpoint_points_to_export_before_making_a_run_dir(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import polmctl.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "run" / "checkpoints" / "step-12"
+    step.mkdir(parents=True)
+    (step / "trainable.safetensors").write_bytes(b"")
+    result = CliRunner().invoke(cli.app, ["eval", str(step)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.stderr.split())
+    assert message.startswith(f"error: {step} is a training checkpoint")
+    assert f"polmctl export {step} --out exported/step-12" in message
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_no_pytree_warnings_before_a_command_s_output():
+    """Importing torchao's enums made torch log two _pytree deprecation warnings before every command."""
+    result = polmctl("show", "recipe=lora", "model=tiny")
+    assert result.returncode == 0, result.stderr
+    assert "_pytree" not in result.stderr and "Enum subclass" not in result.stderr

@@ -37,6 +37,7 @@ def test_every_recipe_composes_and_validates(recipe):
 # model; virtual-token adapters do not pack (the default recipe, lora, packs its SFT micro-batches).
 COMPANIONS = {
     ("eval", "reward"): ["recipe=reward_model"],
+    ("eval", "prm"): ["recipe=prm"],
     ("peft", "prompt_tuning"): ["data.packing=false"],
     ("peft", "prefix_tuning"): ["data.packing=false"],
 }
@@ -152,19 +153,52 @@ def test_a_runner_refuses_another_method():
 
 
 SNAPSHOTS = Path(__file__).parent / "show_snapshots"
+SNAPSHOT_RECIPES = sorted(p.stem for p in SNAPSHOTS.glob("*.yaml"))  # recipes added since have none
+ISSUE_22_PEFT = [
+    "  init: default",
+    "  rank_pattern: {}",
+    "  alpha_pattern: {}",
+    "  feedforward_modules: []",
+    "  block_size: 32",
+    "  butterfly_factor: 1",
+    "  adalora_target_r: 8",
+    "  adalora_warmup: 0.1",
+    "  adalora_final: 0.2",
+    "  adalora_interval: 1",
+]
+ISSUE_22_GENERATION = [
+    "generation:",
+    "  cache: dynamic",
+    "  cache_backend: hqq",
+    "  cache_nbits: 4",
+    "  cache_group_size: 64",
+    "  cache_residual_length: 128",
+]
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", SNAPSHOT_RECIPES)
 def test_show_prints_what_it_printed_before_the_methods_moved(recipe):
     """`polmctl show recipe=X` as taken before methods got their own home (show_snapshots/, written by the
     code of commit c985f8f): the same composed config, except what the move said it would change:
     ``method.objective`` is now ``method.name``, the top-level ``runner`` follows from the method, and
-    the GRPO family has ``method.importance_level`` (token; RLOO: sequence, as its paper)."""
+    the GRPO family has ``method.importance_level`` (token; RLOO: sequence, as its paper), and since
+    issue 20 ``method.advantage`` (group) and ``method.kl_in_reward`` (false) for REINFORCE++; since issue 22
+    the peft family's keys after ``peft.merge_on_save`` (their defaults: LoRA's init, patterns, IA3's
+    feed-forward modules, OFT/BOFT blocks, AdaLoRA's schedule), a ``generation`` section (the KV cache)
+    before ``method``, and recipe=quantize's ``method.bits`` and ``method.group_size``."""
     expected = []
     for line in (SNAPSHOTS / f"{recipe}.yaml").read_text().splitlines():
         if line.startswith("runner: "):
             continue
+        if line.startswith("method:"):
+            expected += ISSUE_22_GENERATION
         expected.append(line.replace("  objective: ", "  name: ", 1) if line.startswith("  objective: ") else line)
         if line.startswith("  loss_type: ") and recipe in ("grpo", "rloo"):
             expected.append(f"  importance_level: {'sequence' if recipe == 'rloo' else 'token'}")
+        if line.startswith("  baseline: ") and recipe in ("grpo", "rloo"):
+            expected += ["  advantage: group", "  kl_in_reward: false"]
+        if line.startswith("  merge_on_save: "):
+            expected += ISSUE_22_PEFT
+        if line.startswith("  speed_batch_size: ") and recipe == "quantize":
+            expected += ["  bits: 4", "  group_size: 64"]  # issue 22: hqq's bits, cpu_int4/hqq's group size
     assert compose_validated([f"recipe={recipe}"])[1].splitlines() == expected

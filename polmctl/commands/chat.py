@@ -2,6 +2,7 @@
 
     polmctl chat outputs/lora/2026-11-24/10-00-00              # interactive: /reset, /exit (or Ctrl-D)
     polmctl chat builtin:smollm2-135m --prompt "What is 12+7?"  # one reply, then exit
+    polmctl chat outputs/lora/... --cache quantized --cache-nbits 4   # keys and values in 4 bits
 
 The conversation is rendered by ``polmctl.data.format_prompt``, the function training and
 evaluation use, so a run is chatted with exactly as it was trained. When the history outgrows
@@ -10,8 +11,9 @@ the model's context, the oldest turns are dropped (a system prompt stays).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
@@ -20,7 +22,8 @@ from polmctl.entry import quiet_libraries
 quiet_libraries()  # before transformers (and through peft, torchao and bitsandbytes) load and log
 from transformers import TextStreamer, set_seed  # noqa: E402
 
-from polmctl.errors import CommandError  # noqa: E402
+from polmctl.config.schema import GenerationConfig  # noqa: E402
+from polmctl.errors import CommandError, ConfigError  # noqa: E402
 
 
 @dataclass
@@ -31,6 +34,7 @@ class ChatSettings:
     system: str | None = None
     device: str = "auto"
     seed: int | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # the KV cache (--cache ...)
 
 
 def pick_device(name: str) -> torch.device:
@@ -201,6 +205,16 @@ def chat_loop(
         write("\n")
 
 
+@contextmanager
+def cache_flags() -> Iterator[None]:
+    """A generation.cache_* ConfigError as a CommandError naming chat's --cache-* option."""
+    try:
+        yield
+    except ConfigError as err:
+        flag = "--" + err.key.removeprefix("generation.").replace("_", "-")
+        raise CommandError(f"{flag}{str(err).removeprefix(err.key)}") from None
+
+
 def run_chat(
     name_or_path: str,
     settings: ChatSettings,
@@ -211,6 +225,11 @@ def run_chat(
     note: Callable[[str], None],
 ) -> None:
     """One reply to ``prompt``, or (``prompt`` None) the interactive loop."""
+    from polmctl.rollout.cache import check_backend, check_fits, generation_cache
+
+    with cache_flags():
+        settings.generation.check("generation")
+        check_backend(settings.generation, "generation.cache_backend")
     device = pick_device(settings.device)
     note(f"loading {name_or_path} on {device}")
     model, tokenizer = load_for_chat(name_or_path, device)
@@ -222,8 +241,14 @@ def run_chat(
             "--prompt TEXT (without --system) to continue a text, or a model with a chat template"
         )
     session = ChatSession(model, tokenizer, settings, write)
-    if prompt is not None:
-        session.reply(prompt)
-        write("\n")
-        return
-    chat_loop(session, read, write, note)
+    if settings.generation.cache == "quantized":
+        if session.prompt_learning:
+            raise CommandError(f"{name_or_path} is a prompt-learning adapter (no KV cache to quantize); drop --cache")
+        with cache_flags():
+            check_fits(model, settings.generation)
+    with generation_cache(model, settings.generation):
+        if prompt is not None:
+            session.reply(prompt)
+            write("\n")
+            return
+        chat_loop(session, read, write, note)

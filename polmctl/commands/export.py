@@ -6,8 +6,9 @@
     polmctl export exported/lora --out exported/lora-bf16 --dtype bfloat16 --push-to-hub me/smollm2-lora
 
 The source is a run dir (its final/), a checkpoint dir (checkpoints/step-N: the base model and
-peft config come from the run's .hydra/config.yaml, the trained weights from the checkpoint),
-a model or adapter dir, builtin:<name> or a hub id.
+peft config come from the run's config as the checkpoint recorded it (its hydra/config.yaml, else
+the run's .hydra/config.yaml), the trained weights from its trainable.safetensors; its
+trainer_state.pt is never read), a model or adapter dir, builtin:<name> or a hub id.
 """
 
 from __future__ import annotations
@@ -53,13 +54,15 @@ def load_checkpoint_model(ckpt: Path):
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from polmctl.engine.checkpoint import load_checkpoint
+    from polmctl.engine.checkpoint import load_trainable
     from polmctl.methods.registry import build_objective, method_spec
     from polmctl.models import apply_peft, load_model, load_tokenizer
     from polmctl.validate import upgrade_recorded, validate
 
     run_dir = ckpt.resolve().parent.parent
-    saved = run_dir / ".hydra" / "config.yaml"
+    saved = ckpt / "hydra" / "config.yaml"  # the config the checkpoint was written under
+    if not saved.is_file():
+        saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise ModelError(
             f"{ckpt} is a checkpoint, but its run's config {saved} is missing: the base model and "
@@ -86,7 +89,7 @@ def load_checkpoint_model(ckpt: Path):
     for name, head in heads.items():
         model.add_module(name, head)
     try:
-        load_checkpoint(ckpt, model)
+        load_trainable(ckpt, model)  # the weights only (safetensors): trainer_state.pt is not needed, nor read
     except ValueError as err:
         raise ModelError(str(err)) from None
     for name in heads:

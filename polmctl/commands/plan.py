@@ -82,6 +82,8 @@ def plan_data(cfg: RunConfig, tokenizer, objective) -> dict:
         "tokens": _tokens(examples, stats),
         "truncated": getattr(stats, "truncated", 0),
         "dropped": len(rows) - len(examples),
+        # the data.max_length that keeps 95% of rows whole (None for prompts: their answers are sampled)
+        "whole_length": stats.whole_length() if hasattr(stats, "whole_length") else None,
         "summary": stats.summary(),
         "sequences_per_row": per_row,
         "longest": longest,
@@ -290,6 +292,8 @@ def plan_table(result: dict):
         )
         table.add_row("rows / tokens", f"{data['kept']:,} of {data['rows']:,} rows kept, {tokens}")
         table.add_row("truncated / dropped", f"{data['truncated']:,} / {data['dropped']:,}")
+        if data["whole_length"] is not None:
+            table.add_row("keeps 95% of rows whole", f"data.max_length={data['whole_length']}")
     table.add_row("parameters", f"{result['parameters']:,} ({result['dtype']}, quantization={result['quantization']})")
     if "trainable_parameters" in result:
         table.add_row("trainable", f"{result['trainable_parameters']:,}")

@@ -6,6 +6,8 @@
 
 A run dir is any dir that holds ``.hydra/config.yaml`` (Hydra writes it as the job starts), so
 failed and interrupted runs are found too; pipeline stages are run dirs inside their pipeline's.
+Status: "running" while a live process holds the run dir's lock; "failed" or "interrupted" as the
+run's summary.json says (an error or Ctrl-C); "incomplete" for a run that wrote no summary (killed).
 Every runner writes its own summary.json keys, and a killed run may have none or a half-written
 metrics line, so every file is read defensively and only what is there is shown.
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from polmctl.engine.rundir import read_holder
 from polmctl.errors import CommandError
 
 DEFAULT_ROOTS = ("outputs", "multirun")
@@ -184,12 +187,21 @@ def run_roots(dirs: list[Path] | None) -> list[Path]:
 
 
 def run_status(summary: dict | None, run_dir: Path) -> str:
+    holder = read_holder(run_dir)
+    if holder is not None:  # a live run holds the dir, or a killed one left its lock file
+        alive = holder.alive()
+        if alive is None:
+            return f"running on {holder.host}?"
+        if alive:
+            return "running"
     if summary is None:
         if (run_dir / "summary.json").exists():
             return "unreadable summary"
         # No summary: it failed before writing one, was killed, or is still running.
         return "incomplete"
     status = str(summary.get("status") or "finished")
+    if status == "running":  # a pipeline writes it as it goes; no live holder: it was killed
+        status = "incomplete"
     if summary.get("failed_stage"):
         status += f" (stage {summary['failed_stage']})"
     return status
@@ -331,7 +343,7 @@ def runs_table(runs: list[RunInfo], title: str):
         )
     for run in runs:
         status_style = {"completed": "green", "finished": "green"}.get(
-            run.status, "yellow" if run.status in ("incomplete", "running") else "red"
+            run.status, "yellow" if run.status.startswith(("incomplete", "running", "interrupted")) else "red"
         )
         wall = fmt_duration(run.wall_time_s)
         cells = [

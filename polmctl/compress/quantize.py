@@ -4,6 +4,8 @@ quantize runner measures before and after.
     polmctl run recipe=quantize                            # nf4: bitsandbytes 4-bit NormalFloat, double quant
     polmctl run recipe=quantize method.scheme=int8         # bitsandbytes LLM.int8()
     polmctl run recipe=quantize method.scheme=cpu_int8     # torchao int8 weights, for inference on CPUs
+    polmctl run recipe=quantize method.scheme=cpu_int4     # torchao group-wise int4 weights, CPU
+    polmctl run recipe=quantize method.scheme=hqq          # HQQ 4-bit (method.bits: 2 | 3 | 4 | 8), CPU or CUDA
 
 Schemes:
   nf4 / fp4 / int8   bitsandbytes through transformers' ``BitsAndBytesConfig`` (built by
@@ -12,10 +14,24 @@ Schemes:
                      ``Int8DynamicActivationInt8WeightConfig``) through transformers' ``TorchAoConfig``;
                      needs ``pip install 'torchao>=0.15'`` (the ``quant`` extra of polmctl).
 
-Every scheme is written with ``save_pretrained`` (safetensors, the quantization config in
-config.json), so ``from_pretrained`` and ``polmctl.models.load_model`` reload the dir quantized
-with no extra argument. Embeddings and the LM head stay in full precision (transformers skips
-them for both libraries).
+  cpu_int4           torchao's ``PrototypeInt4WeightOnlyConfig``: int4 weights in groups of
+                     ``method.group_size`` (32 | 64 | 128) with a scale and zero point each, run by torch's
+                     CPU int4 matmul (``_weight_int4pack_mm_for_cpu``); the decoder Linear layers only.
+  hqq                HQQ (Badri & Shaji, 2023: half-quadratic optimisation of each group's zero point and
+                     scale, no calibration data) through the hqq library's ``HQQLinear``, ``method.bits``
+                     bits in groups of ``method.group_size``; the decoder Linear layers only. On CPU its
+                     forward dequantizes the weight each call: memory falls, speed does not.
+
+nf4 / fp4 / int8 / cpu_int8 are written with ``save_pretrained`` (safetensors, the quantization
+config in config.json), so ``from_pretrained`` and ``polmctl.models.load_model`` reload the dir
+quantized with no extra argument. Embeddings and the LM head stay in full precision (transformers
+skips them for both libraries). cpu_int4 and hqq cannot go through ``save_pretrained``: torchao's
+safetensors support does not cover the CPU int4 tensor (``Int4OpaqueTensor``: "Unsupported tensor
+type"), transformers 5.24's ``HqqConfig`` raises NotImplementedError, and the hqq library's own
+save is a pickle (``torch.save``). They are written in polmctl's layout of replaced layers
+(polmctl/models/replaced.py: plain safetensors plus a JSON file naming the layers), which
+``polmctl.models.load_model`` reloads; transformers alone does not. GPTQ and AWQ (llm-compressor,
+GPTQModel) need CUDA kernels and are not offered here.
 
 Why torchao, not ``torch.ao.quantization.quantize_dynamic``, for cpu_int8 (checked on torch 2.13,
 transformers 5.24, torchao 0.18): quantize_dynamic still exists and its fbgemm kernels are fast on
@@ -33,6 +49,7 @@ The ``method`` node is polmctl/methods/quantize.py; this module imports no torch
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -44,12 +61,18 @@ from typing import Any, Iterator
 
 from polmctl.errors import ConfigError
 
-SCHEMES = ("nf4", "fp4", "int8", "cpu_int8")
+SCHEMES = ("nf4", "fp4", "int8", "cpu_int8", "cpu_int4", "hqq")
 BNB_SCHEMES = ("nf4", "fp4", "int8")
+IN_PLACE_SCHEMES = ("cpu_int4", "hqq")  # quantized after loading, saved as replaced layers (models/replaced.py)
+CPU_SCHEMES = ("cpu_int8", "cpu_int4")
+HQQ_BITS = (1, 2, 3, 4, 8)
+INT4_GROUP_SIZES = (32, 64, 128)  # what torch's CPU int4 kernel takes
+HQQ_INSTALL = "pip install hqq (polmctl's quant extra)"
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TORCHAO_MIN = "0.15"  # transformers 5.24 treats an older torchao as absent (TORCHAO_MIN_VERSION)
 TORCHAO_INSTALL = f"pip install 'torchao>={TORCHAO_MIN}' (polmctl's quant extra)"
-WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # a model dir's weights (not e.g. value_head.safetensors)
+# a model dir's weights (not e.g. value_head.safetensors); polmctl_model: replaced layers (models/replaced.py)
+WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin", "polmctl_model.safetensors")
 
 
 def _first_line(err: BaseException) -> str:
@@ -95,11 +118,15 @@ def check_backend(scheme: str, device) -> None:
                 "trainer.device to one of those, or use method.scheme=cpu_int8",
             )
         return
+    if scheme == "hqq":
+        if importlib.util.find_spec("hqq") is None:
+            raise ConfigError("method.scheme", f"hqq needs the hqq library: {HQQ_INSTALL}, or method.scheme=cpu_int4")
+        return
     if device.type != "cpu":
         raise ConfigError(
             "trainer.device",
-            f"method.scheme=cpu_int8 quantizes for CPU inference, got device "
-            f"{device}; use trainer.device=cpu, or method.scheme=int8 / nf4 on GPUs",
+            f"method.scheme={scheme} quantizes for CPU inference, got device "
+            f"{device}; use trainer.device=cpu, or method.scheme=int8 / nf4 / hqq on GPUs",
         )
     with quiet_backends():
         try:
@@ -107,7 +134,7 @@ def check_backend(scheme: str, device) -> None:
         except (ImportError, RuntimeError, OSError) as err:
             raise ConfigError(
                 "method.scheme",
-                f"cpu_int8 needs torchao ({_first_line(err)}): {TORCHAO_INSTALL}, or use method.scheme=int8",
+                f"{scheme} needs torchao ({_first_line(err)}): {TORCHAO_INSTALL}, or use method.scheme=int8",
             ) from None
     from packaging.version import Version
 
@@ -119,7 +146,13 @@ def check_backend(scheme: str, device) -> None:
     if too_old:
         raise ConfigError(
             "method.scheme",
-            f"cpu_int8 needs torchao >= {TORCHAO_MIN}, found {found}: {TORCHAO_INSTALL}, or use method.scheme=int8",
+            f"{scheme} needs torchao >= {TORCHAO_MIN}, found {found}: {TORCHAO_INSTALL}, or use method.scheme=int8",
+        )
+    if scheme == "cpu_int4" and importlib.util.find_spec("torchao.prototype.quantization.int4") is None:
+        raise ConfigError(
+            "method.scheme",
+            f"cpu_int4 needs torchao's CPU int4 (torchao.prototype.quantization.int4, torchao 0.18 has it), "
+            f"found torchao {found}: pip install -U torchao, or use method.scheme=hqq",
         )
 
 
@@ -160,6 +193,8 @@ def quantize_model(source: str | Path, method, *, device, dtype, trust_remote_co
 
     from polmctl.errors import ModelError
 
+    if method.scheme in IN_PLACE_SCHEMES:
+        return _quantize_in_place(source, method, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     config = quantization_config(method, device)
     try:
         with quiet_backends():
@@ -177,13 +212,62 @@ def quantize_model(source: str | Path, method, *, device, dtype, trust_remote_co
     return model
 
 
+def _quantize_in_place(source: str | Path, method, *, device, dtype, trust_remote_code: bool):
+    """cpu_int4 / hqq: the full-precision model loaded (any dir ``load_model`` reads, a factored one
+    too), then its decoder Linear layers quantized: torchao's ``quantize_`` swaps each weight for an
+    ``Int4OpaqueTensor``, hqq replaces each layer by an ``HQQLinear``."""
+    import torch
+
+    from polmctl.compress.prune import prunable_linears
+    from polmctl.config.schema import ModelConfig
+    from polmctl.models import load_model
+
+    model = load_model(
+        ModelConfig(
+            name_or_path=str(source), dtype=str(dtype).removeprefix("torch."), trust_remote_code=trust_remote_code
+        ),
+        device=device,
+        for_training=False,
+    )
+    linears = prunable_linears(model)
+    if method.scheme == "cpu_int4":
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+
+        config = PrototypeInt4WeightOnlyConfig(group_size=method.group_size, set_inductor_config=False)
+        quantize_(model, config, filter_fn=lambda module, fqn: fqn in linears)
+    else:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        config = BaseQuantizeConfig(nbits=method.bits, group_size=method.group_size, axis=1)
+        with torch.no_grad():
+            for name, linear in linears.items():
+                if hqq_fits(linear.weight.shape, method.bits, method.group_size):  # else it stays as it is
+                    model.set_submodule(name, HQQLinear(linear, config, compute_dtype=dtype, device=str(device)))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# hqq packs the rows of a weight viewed as [-1, group_size] this many to a stored row (bitpack.py)
+HQQ_ROWS_PACKED = {1: 8, 2: 4, 3: 10, 4: 2, 8: 1}
+
+
+def hqq_fits(shape, bits: int, group_size: int) -> bool:
+    """Whether hqq can quantize a weight of ``shape`` (a low-rank factor with an odd rank may not);
+    a layer that does not fit keeps full precision, as torchao leaves one whose width the group
+    size does not divide."""
+    numel = shape[0] * shape[1]
+    return numel % group_size == 0 and (numel // group_size) % HQQ_ROWS_PACKED[bits] == 0
+
+
 def quantized_layers(model) -> Counter:
     """How many layers hold quantized weights, by kind: bitsandbytes' Linear4bit / Linear8bitLt, or
     ``Linear[<torchao tensor>]`` for a Linear whose weight is a torchao tensor subclass."""
     kinds: Counter = Counter()
     for module in model.modules():
         name = type(module).__name__
-        if name in ("Linear4bit", "Linear8bitLt"):
+        if name in ("Linear4bit", "Linear8bitLt", "HQQLinear"):
             kinds[name] += 1
         elif _is_tensor_subclass(getattr(module, "weight", None)):
             kinds[f"{name}[{type(module.weight).__name__}]"] += 1
@@ -240,6 +324,8 @@ def parameter_bytes(model) -> int:
         state = getattr(module, "state", None)
         if type(state).__name__ == "MatmulLtState":
             tensors += [v for v in vars(state).values() if torch.is_tensor(v)]
+        if type(module).__name__ == "HQQLinear":  # its scales and zero points live in a dict, not as buffers
+            tensors += [v for v in module.meta.values() if torch.is_tensor(v)]
     seen: set[tuple] = set()
     total = 0
     for t in tensors:
@@ -291,7 +377,18 @@ def describe_quantization(config: Any) -> str | None:
 
 
 def dir_quantization(path: str | Path) -> str | None:
-    """The quantization a local model dir was saved with (from its config.json), or None."""
+    """The quantization a local model dir was saved with (from its config.json, or the layers file of
+    polmctl's replaced-layer layout), or None."""
+    from polmctl.models.replaced import LAYERS_FILE
+
+    layers = Path(path) / LAYERS_FILE
+    if layers.is_file():
+        try:
+            kinds = {spec["kind"] for spec in json.loads(layers.read_text())["layers"].values()}
+        except (ValueError, KeyError, TypeError):  # a malformed file is reported by the loader
+            return None
+        described = [{"hqq": "hqq", "torchao": "torchao int4"}[k] for k in sorted(kinds) if k != "lowrank"]
+        return ", ".join(described) or None
     config = Path(path) / "config.json"
     if not config.is_file():
         return None

@@ -116,29 +116,108 @@ class DataConfig:
             positive(section, "max_rows", self.max_rows)
 
 
+PEFT_METHODS = (
+    "none", "lora", "dora", "prompt_tuning", "prefix_tuning",
+    "ia3", "vera", "loha", "lokr", "oft", "boft", "adalora", "ln_tuning",
+)  # fmt: skip
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva", "loftq")  # and pissa_niter_<N>
+
+
 @dataclass
 class PeftConfig:
-    method: str = option("none", "adapter type: none (full fine-tuning) | lora | dora | prompt_tuning | prefix_tuning")
-    r: int = option(16, "lora/dora: rank of the update")
-    alpha: int = option(32, "lora/dora: scaling numerator (the update is scaled by alpha / r)")
-    dropout: float = option(0.05, "lora/dora: dropout on the adapter input")
-    target_modules: List[str] = option(["all-linear"], "lora/dora: module names to adapt, or ['all-linear']")
+    method: str = option(
+        "none",
+        "adapter type: none (full fine-tuning) | lora | dora | prompt_tuning | prefix_tuning | ia3 | vera | "
+        "loha | lokr | oft | boft | adalora | ln_tuning (docs/fine-tuning.md: what each trains)",
+    )
+    r: int = option(16, "lora/dora/vera/loha/lokr: rank of the update (adalora: the starting rank of every layer)")
+    alpha: int = option(32, "lora/dora/loha/lokr: scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = option(0.05, "lora/dora/adalora/vera: dropout on the adapter input")
+    target_modules: List[str] = option(
+        ["all-linear"], "module names to adapt, or ['all-linear'] (ln_tuning: norm layer names)"
+    )
     use_rslora: bool = option(False, "lora/dora: scale by alpha / sqrt(r) (rank-stabilised LoRA)")
     num_virtual_tokens: int = option(20, "prompt/prefix tuning: number of virtual tokens")
     prompt_init_text: Optional[str] = option(None, "prompt tuning: initialise the virtual tokens from this text")
-    merge_on_save: bool = option(False, "write final/ with the adapters merged into the base weights")
+    merge_on_save: bool = option(
+        False, "write final/ with the adapters merged into the base weights (every method but prompt/prefix tuning)"
+    )
+    init: str = option(
+        "default",
+        "lora: how A and B start: default (peft's: A kaiming-uniform, B zero) | gaussian | pissa (the top-r "
+        "singular vectors of W; pissa_niter_N: randomized SVD, N iterations) | olora (QR of W) | eva (SVD of "
+        "the training rows' activations, ranks redistributed) | loftq (CUDA only)",
+    )
+    rank_pattern: Dict[str, int] = option(
+        {}, "lora/dora/loha/lokr: per-module ranks instead of r, by name or regex, e.g. {q_proj: 4}"
+    )
+    alpha_pattern: Dict[str, int] = option({}, "lora/dora/loha/lokr: per-module alphas instead of alpha, by name")
+    feedforward_modules: List[str] = option(
+        [], "ia3: targets scaled on their input (feed-forward), a subset of target_modules; []: peft's default"
+    )
+    block_size: int = option(32, "oft/boft: size of the orthogonal blocks (must divide each target's in_features)")
+    butterfly_factor: int = option(1, "boft: butterfly factors (1: one block-diagonal factor, as OFT)")
+    adalora_target_r: int = option(8, "adalora: average rank per layer once the budget schedule has pruned (<= r)")
+    adalora_warmup: float = option(0.1, "adalora: fraction of trainer.max_steps at rank r before pruning (tinit)")
+    adalora_final: float = option(0.2, "adalora: fraction of trainer.max_steps at the final ranks (tfinal)")
+    adalora_interval: int = option(1, "adalora: optimizer steps between two rank re-allocations (deltaT)")
 
     def check(self, section: str) -> None:
-        one_of(section, "method", self.method, ("none", "lora", "dora", "prompt_tuning", "prefix_tuning"))
-        positive(section, "r", self.r)
-        positive(section, "alpha", self.alpha)
-        positive(section, "num_virtual_tokens", self.num_virtual_tokens)
+        one_of(section, "method", self.method, PEFT_METHODS)
+        for name in ("r", "alpha", "num_virtual_tokens", "block_size", "butterfly_factor", "adalora_interval"):
+            positive(section, name, getattr(self, name))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{section}.dropout", f"must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
             raise ConfigError(f"{section}.target_modules", "is empty; name modules or use ['all-linear']")
-        if self.merge_on_save and self.method not in ("lora", "dora"):
-            raise ConfigError(f"{section}.merge_on_save", f"only lora and dora adapters merge, not {self.method!r}")
+        if self.merge_on_save and self.method in PROMPT_LEARNING:
+            raise ConfigError(f"{section}.merge_on_save", f"{self.method} adds virtual tokens, nothing merges into W")
+        if self.method == "ln_tuning" and "all-linear" in self.target_modules:
+            raise ConfigError(
+                f"{section}.target_modules",
+                "ln_tuning trains norm layers, not linear ones; name them, e.g. [input_layernorm, norm]",
+            )
+        self._check_variants(section)
+
+    def _check_variants(self, section: str) -> None:
+        """The options that belong to one adapter type are refused on the others, not ignored."""
+        init = self.init
+        if not (init in LORA_INITS or (init.startswith("pissa_niter_") and init[12:].isdigit())):
+            raise ConfigError(f"{section}.init", f"got {init!r}; allowed: {', '.join(LORA_INITS)}, pissa_niter_<N>")
+        if init != "default" and self.method != "lora":
+            raise ConfigError(f"{section}.init", f"only peft.method=lora takes an initialisation, not {self.method}")
+        converts = init.startswith("pissa") or init == "olora"
+        if converts and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            # final/ stores the PiSSA/OLoRA update as a plain LoRA (peft cannot convert this combination).
+            raise ConfigError(
+                f"{section}.init", f"{init} with use_rslora and rank/alpha patterns cannot be saved; drop one"
+            )
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if pattern and self.method not in ("lora", "dora", "loha", "lokr"):
+                raise ConfigError(f"{section}.{name}", f"only lora, dora, loha and lokr read it, not {self.method}")
+            for key, value in pattern.items():
+                positive(section, f"{name}.{key}", value)
+        if self.feedforward_modules and self.method != "ia3":
+            raise ConfigError(f"{section}.feedforward_modules", f"only ia3 reads it, not {self.method}")
+        extra = set(self.feedforward_modules) - set(self.target_modules)
+        if extra and "all-linear" not in self.target_modules:
+            raise ConfigError(f"{section}.feedforward_modules", f"{sorted(extra)} must be a subset of target_modules")
+        if self.method == "adalora":
+            if self.adalora_target_r > self.r:
+                raise ConfigError(
+                    f"{section}.adalora_target_r", f"{self.adalora_target_r} exceeds the starting rank r={self.r}"
+                )
+            positive(section, "adalora_target_r", self.adalora_target_r)
+            for name in ("adalora_warmup", "adalora_final"):
+                if not 0 <= getattr(self, name) < 1:
+                    raise ConfigError(f"{section}.{name}", f"must be in [0, 1), got {getattr(self, name)!r}")
+            if self.adalora_warmup + self.adalora_final >= 1:
+                raise ConfigError(
+                    f"{section}.adalora_final",
+                    "adalora_warmup + adalora_final leave no steps to prune ranks in; keep their sum below 1",
+                )
 
 
 @dataclass
@@ -200,7 +279,8 @@ class LoggerConfig:
 class EvalConfig:
     tasks: List[str] = option(
         ["arithmetic"],
-        "evaluation tasks: arithmetic | reversal (exact match) | perplexity | preference | reward (reward models)",
+        "evaluation tasks: arithmetic | reversal (exact match) | perplexity | preference | step_preference | "
+        "reward (reward models) | prm (process reward models) | forget | retain (unlearning: fact recall)",
     )
     before: bool = option(True, "also evaluate the starting model, so the summary shows before and after")
     max_samples: int = option(100, "held-out rows per task")
@@ -212,7 +292,9 @@ class EvalConfig:
         for i, t in enumerate(self.tasks):
             if t.startswith("lm_eval:"):  # an lm-evaluation-harness task: validate() checks it (polmctl.evals.lm_eval)
                 continue
-            one_of(section, f"tasks[{i}]", t, ("arithmetic", "reversal", "perplexity", "preference", "reward"))
+            tasks = ("arithmetic", "reversal", "perplexity", "preference", "step_preference", "reward", "prm")
+            tasks += ("forget", "retain")
+            one_of(section, f"tasks[{i}]", t, tasks)
         positive(section, "max_samples", self.max_samples)
         positive(section, "batch_size", self.batch_size)
         positive(section, "max_new_tokens", self.max_new_tokens)
@@ -258,6 +340,37 @@ class LauncherConfig:
             )
 
 
+CACHE_BACKEND_BITS = {"hqq": (1, 2, 3, 4, 8), "quanto": (2, 4), "fp8": (8,)}  # transformers' QuantizedCache
+
+
+@dataclass
+class GenerationConfig:
+    cache: str = option(
+        "dynamic",
+        "KV cache of every generation (evaluation, rollouts, the quantize runner's eval): dynamic (full "
+        "precision) | quantized (keys and values stored in cache_nbits bits: transformers' QuantizedCache)",
+    )
+    cache_backend: str = option(
+        "hqq",
+        "quantized: hqq (pip install hqq; 1/2/3/4/8 bits) | quanto (pip install optimum-quanto; 2/4 bits) | "
+        "fp8 (float8 with one scale per layer, no extra package; cache_nbits=8, no groups or residual window)",
+    )
+    cache_nbits: int = option(4, "quantized: bits per stored key/value number (8 with fp8)")
+    cache_group_size: int = option(64, "quantized, hqq/quanto: numbers that share one scale and zero point")
+    cache_residual_length: int = option(
+        128,
+        "quantized, hqq/quanto: the newest tokens kept in full precision; each time this many have "
+        "gathered they are quantized with the rest (the prompt is quantized at once)",
+    )
+
+    def check(self, section: str) -> None:
+        one_of(section, "cache", self.cache, ("dynamic", "quantized"))
+        one_of(section, "cache_backend", self.cache_backend, tuple(CACHE_BACKEND_BITS))
+        one_of(section, "cache_nbits", self.cache_nbits, CACHE_BACKEND_BITS[self.cache_backend])
+        positive(section, "cache_group_size", self.cache_group_size)
+        positive(section, "cache_residual_length", self.cache_residual_length)
+
+
 @dataclass
 class RunConfig:
     """The whole composed config of one run."""
@@ -274,6 +387,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     # Typed per method (polmctl/methods/registry.py); checked by validate().
     method: Any = field(default_factory=lambda: {"name": "sft"}, metadata={"help": "the method's own knobs"})
 

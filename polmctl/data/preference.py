@@ -12,11 +12,12 @@ or stop the run (``data.bad_rows=error``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from polmctl.data.formats import detect_format, format_completion, format_prompt
+from polmctl.data.tokenize import WHOLE_SHARE, length_to_keep, warn_if_cut
 from polmctl.errors import DataError
 from polmctl.losses import IGNORE_INDEX
 
@@ -30,6 +31,13 @@ class PreferenceStats:
     empty: int = 0
     too_long: int = 0
     first_skipped_index: int | None = None
+    answers: int = 0  # chosen and rejected counted apart (unpaired: one completion a row)
+    answers_cut: int = 0  # answers longer than their room at max_length (truncated or skipped)
+    lengths: list[int] = field(default_factory=list, repr=False)  # each row's prompt + longest answer, in tokens
+
+    def whole_length(self, share: float = WHOLE_SHARE) -> int | None:
+        """The data.max_length that keeps ``share`` of the rows (prompt and every answer) whole."""
+        return length_to_keep(self.lengths, share)
 
     def skip(self, index: int, reason: str) -> None:
         setattr(self, reason, getattr(self, reason) + 1)
@@ -47,9 +55,8 @@ class PreferenceStats:
         return text
 
 
-def _answer_ids(prompt, answer, tokenizer, room: int, where: str) -> tuple[list[int], bool]:
-    ids = tokenizer(format_completion(prompt, answer, tokenizer, where=where), add_special_tokens=False)["input_ids"]
-    return ids[:room], len(ids) > room
+def _answer_ids(prompt, answer, tokenizer, where: str) -> list[int]:
+    return tokenizer(format_completion(prompt, answer, tokenizer, where=where), add_special_tokens=False)["input_ids"]
 
 
 ROW_SHAPES = {
@@ -86,7 +93,8 @@ def encode_preference_dataset(
 ) -> tuple[list[dict], PreferenceStats]:
     """Encoded rows: {"prompt_ids", "chosen_ids", "rejected_ids"} (paired, plus "margin" where
     the row has one) or {"prompt_ids", "completion_ids", "label"} (unpaired), ids without padding.
-    ``require=(recipe, fmt)`` refuses rows of the other format, naming the recipe."""
+    ``require=(recipe, fmt)`` refuses rows of the other format, naming the recipe. Warns when more
+    than WARN_ABOVE of the answers lose their last tokens, naming the length that keeps most whole."""
     if not rows:
         raise DataError(f"{source}: no rows to encode")
     fmt = detect_format(rows[0], source)
@@ -121,6 +129,10 @@ def encode_preference_dataset(
             format_prompt(row["prompt"], tokenizer, where=f"{where}, column 'prompt'"), add_special_tokens=False
         )["input_ids"]
         room = max_length - len(prompt_ids)
+        full = {c: _answer_ids(row["prompt"], row[c], tokenizer, f"{where}, column '{c}'") for c in answers}
+        stats.lengths.append(len(prompt_ids) + max(len(ids) for ids in full.values()))
+        stats.answers += len(answers)
+        stats.answers_cut += sum(len(ids) > max(room, 0) for ids in full.values())
         if room < 1:
             if overlong == "error" or bad_rows == "error":
                 raise DataError(
@@ -132,9 +144,8 @@ def encode_preference_dataset(
         example: dict = {"prompt_ids": prompt_ids}
         cut = False
         for column in answers:
-            ids, truncated = _answer_ids(row["prompt"], row[column], tokenizer, room, f"{where}, column '{column}'")
-            example[f"{column}_ids"] = ids
-            cut |= truncated
+            example[f"{column}_ids"] = full[column][:room]
+            cut |= len(full[column]) > room
         if cut and overlong != "truncate":
             if overlong == "error":
                 raise DataError(
@@ -154,6 +165,9 @@ def encode_preference_dataset(
         examples.append(example)
     if not examples:
         raise DataError(f"{source}: no usable preference row ({stats.summary()})")
+    warn_if_cut(
+        stats.answers_cut, stats.answers, f"{source} answers", max_length, stats.whole_length(), overlong == "drop"
+    )
     return examples, stats
 
 

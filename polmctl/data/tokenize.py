@@ -10,14 +10,45 @@ Hugging Face convention: -100 where nothing is trained; the shift happens in the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
+from polmctl.console import console
 from polmctl.data.formats import conversation_segments, detect_format, format_completion, format_prompt
 from polmctl.errors import DataError
 from polmctl.losses import IGNORE_INDEX
 
 SUPERVISED = ("text", "messages", "prompt_completion")
 OVERLONG = ("truncate", "drop", "error")
+WARN_ABOVE = 0.05  # share of rows cut at data.max_length above which a run warns
+WHOLE_SHARE = 0.95  # the share of rows the suggested data.max_length keeps whole
+
+
+def length_to_keep(lengths: list[int], share: float = WHOLE_SHARE) -> int | None:
+    """The smallest length that at least ``share`` of ``lengths`` fit in (None for no rows)."""
+    if not lengths:
+        return None
+    return sorted(lengths)[max(0, math.ceil(share * len(lengths)) - 1)]
+
+
+def warn_if_cut(
+    cut: int, total: int, what: str, max_length: int, keep: int | None, dropped: bool = False
+) -> str | None:
+    """Print (and return) a warning when more than WARN_ABOVE of ``total`` are longer than ``max_length``
+    (truncated: they lose their last tokens; ``dropped``: data.overlong=drop left them out)."""
+    if not total or cut <= WARN_ABOVE * total:
+        return None
+    happened = (
+        "are dropped (data.overlong=drop)"
+        if dropped
+        else "lose their last tokens, so training sees them without their endings"
+    )
+    text = (
+        f"{cut} of {total} {what} ({100 * cut / total:.0f}%) are longer than data.max_length={max_length} and "
+        f"{happened}; data.max_length={keep} keeps {WHOLE_SHARE:.0%} of rows whole"
+    )
+    console.print(f"[bold yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+    return text
 
 
 @dataclass
@@ -32,6 +63,12 @@ class EncodeStats:
     tokens: int = 0
     trainable_tokens: int = 0
     first_dropped_index: int | None = None
+    over_length: int = 0  # rows longer than max_length: truncated, or dropped by data.overlong=drop
+    lengths: list[int] = field(default_factory=list, repr=False)  # every row's full length in tokens
+
+    def whole_length(self, share: float = WHOLE_SHARE) -> int | None:
+        """The data.max_length that keeps ``share`` of the rows whole."""
+        return length_to_keep(self.lengths, share)
 
     def summary(self) -> str:
         text = f"{self.kept}/{self.rows} rows, {self.tokens} tokens ({self.trainable_tokens} trained)"
@@ -78,8 +115,8 @@ def row_segments(row: dict, fmt: str, tokenizer, where: str) -> list[tuple[str, 
 
 def _encode(
     row: dict, fmt: str, tokenizer, *, max_length: int, completion_only_loss: bool, overlong: str, where: str
-) -> tuple[dict | None, str]:
-    """(example or None, what happened: "kept" | "truncated" | "dropped")."""
+) -> tuple[dict | None, str, int]:
+    """(example or None, what happened: "kept" | "truncated" | "dropped", the row's full length)."""
     if overlong not in OVERLONG:
         raise DataError(f"data.overlong={overlong!r}; use one of {', '.join(OVERLONG)}")
     input_ids: list[int] = []
@@ -91,7 +128,7 @@ def _encode(
             prompt_len = len(input_ids)
         input_ids += ids
         labels += ids if (trained or not completion_only_loss) else [IGNORE_INDEX] * len(ids)
-    status = "kept"
+    status, length = "kept", len(input_ids)
     if len(input_ids) > max_length:
         if overlong == "error":
             raise DataError(
@@ -99,12 +136,12 @@ def _encode(
                 "raise data.max_length or set data.overlong=truncate|drop"
             )
         if overlong == "drop" or (prompt_len or 0) >= max_length:
-            return None, "dropped"
+            return None, "dropped", length
         input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
     # labels[0] is never predicted (nothing precedes it), so it does not count as trained.
     if all(label == IGNORE_INDEX for label in labels[1:]):
-        return None, "dropped"
-    return {"input_ids": input_ids, "labels": labels}, status
+        return None, "dropped", length
+    return {"input_ids": input_ids, "labels": labels}, status, length
 
 
 def encode_row(
@@ -140,7 +177,8 @@ def encode_dataset(
     completion_only_loss: bool = True,
     overlong: str = "truncate",
 ) -> tuple[list[dict], EncodeStats]:
-    """Encode every row of ``source``; ``fmt="auto"`` detects the format from row 0."""
+    """Encode every row of ``source``; ``fmt="auto"`` detects the format from row 0. Warns when more
+    than WARN_ABOVE of the rows are longer than ``max_length``, naming the length that keeps most whole."""
     if not rows:
         raise DataError(f"{source}: no rows to encode")
     if max_length < 2:
@@ -149,7 +187,7 @@ def encode_dataset(
     stats = EncodeStats(rows=len(rows))
     examples = []
     for i, row in enumerate(rows):
-        example, status = _encode(
+        example, status, length = _encode(
             row,
             fmt,
             tokenizer,
@@ -158,6 +196,8 @@ def encode_dataset(
             completion_only_loss=completion_only_loss,
             where=f"{source}: row {i}",
         )
+        stats.lengths.append(length)
+        stats.over_length += length > max_length
         if example is None:
             stats.dropped += 1
             if stats.first_dropped_index is None:
@@ -171,6 +211,10 @@ def encode_dataset(
     if not examples:
         raise DataError(
             f"{source}: every row was dropped ({stats.summary()}); raise data.max_length "
-            f"(now {max_length}) or check that rows have a completion to train on"
+            f"(now {max_length}) to {stats.whole_length()}, which keeps {WHOLE_SHARE:.0%} of rows whole, or "
+            "check that rows have a completion to train on"
         )
+    warn_if_cut(
+        stats.over_length, stats.rows, f"{source} rows", max_length, stats.whole_length(), dropped=overlong == "drop"
+    )
     return examples, stats

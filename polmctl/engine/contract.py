@@ -38,7 +38,8 @@ class LossTerms:
 class Objective:
     """A training method as the train runner and the engine see it."""
 
-    model_head: str = "causal_lm"  # which model the runner loads: causal_lm | reward (a scalar score head)
+    # Which model the runner loads: causal_lm | reward (a scalar score head) | prm (two labels per token)
+    model_head: str = "causal_lm"
 
     # -- required ------------------------------------------------------------------------------
     def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:

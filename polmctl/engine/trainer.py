@@ -8,7 +8,8 @@ Features and the flag that controls each:
   gradient clipping                       trainer.max_grad_norm
   mixed precision, devices, processes     trainer.mixed_precision, trainer.device, launcher (accelerate)
   halve the micro-batch on out-of-memory  trainer.auto_batch (same global batch: grad accumulation doubles)
-  atomic checkpoints, keep the last K     trainer.save_every, trainer.keep_last
+  atomic checkpoints, keep the last K     trainer.save_every, trainer.keep_last (a killed save's temp dir
+                                          is removed when the next run starts)
   exact resume                            resume=auto | resume=<checkpoint dir>
   a pruned model keeps its zeros          trainer.keep_sparsity (the runner's after_step hook)
   metrics.jsonl, trackers, progress bar   trainer.log_every, logger.trackers, logger.progress
@@ -36,7 +37,14 @@ from torch.nn.parallel import DistributedDataParallel
 from polmctl.config.schema import TrainerConfig
 from polmctl.console import console
 from polmctl.engine.batches import BatchSource, OfflineBatches
-from polmctl.engine.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from polmctl.engine.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    remove_interrupted_saves,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from polmctl.engine.contract import Objective
 from polmctl.engine.metrics import MetricsLog
 from polmctl.engine.optim import build_optimizer, build_scheduler
@@ -107,10 +115,12 @@ class Trainer:
         tokenizer=None,
         batches: BatchSource | None = None,
         after_step: Sequence[Callable[[torch.nn.Module], None]] = (),
+        record: dict[str, str] | None = None,
     ):
         """``examples`` + ``collate`` for offline methods, or ``batches``: the method's own
         BatchSource (online RL). ``after_step``: functions of the unwrapped model called after
-        every optimizer step (a pruned model's zeros, re-applied)."""
+        every optimizer step (a pruned model's zeros, re-applied). ``record``: text files every
+        checkpoint keeps (relative path -> text: what the run was, to check a resume against)."""
         self.cfg, self.objective = cfg, objective
         self.tokenizer = tokenizer
         self.run_dir, self.acc, self.progress = run_dir, accelerator, progress
@@ -145,6 +155,7 @@ class Trainer:
             )
         self.step = 0
         self.after_step = list(after_step)
+        self.record = dict(record or {})
 
     # -- state ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -178,6 +189,7 @@ class Trainer:
                 state,
                 self.cfg.keep_last,
                 tokenizer=self.tokenizer,
+                files=self.record,
             )
         self.acc.wait_for_everyone()
         return path
@@ -313,6 +325,9 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, resume: Path | None = None) -> FitResult:
+        if self.acc.is_main_process:  # saves a killed run left half-written
+            for note in remove_interrupted_saves(self.run_dir / "checkpoints"):
+                console.print(note, markup=False, highlight=False, soft_wrap=True)
         if resume is not None:
             self.resume_from(resume)
         log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step) if self.acc.is_main_process else None

@@ -20,6 +20,8 @@ from polmctl.evals.lm_eval import is_lm_eval_task, run_lm_eval
 from polmctl.evals.perplexity import perplexity
 from polmctl.evals.preference import preference_accuracy
 from polmctl.evals.reward import reward_accuracy
+from polmctl.evals.steps import prm_accuracy, step_preference_accuracy
+from polmctl.evals.unlearn import recall_task
 
 # task name -> (default held-out source, runner)
 EVAL_TASKS = {
@@ -42,18 +44,33 @@ EVAL_TASKS = {
         "builtin:style_preference",
         lambda m, t, rows, cfg: reward_accuracy(m, t, rows, batch_size=cfg.batch_size),
     ),
+    "prm": (
+        "builtin:arithmetic_steps",
+        lambda m, t, rows, cfg: prm_accuracy(m, t, rows, batch_size=cfg.batch_size),
+    ),
+    "step_preference": (
+        "builtin:arithmetic_step_pairs",
+        lambda m, t, rows, cfg: step_preference_accuracy(m, t, rows, batch_size=cfg.batch_size),
+    ),
+    "forget": ("builtin:facts", recall_task("forget")),
+    "retain": ("builtin:facts", recall_task("retain")),
 }
-REWARD_MODEL_TASKS = ("reward",)  # the tasks a reward model (a score head, no LM head) can run
+# The tasks of a model without an LM head, by the head they need (polmctl.models.load.HEADS);
+# every other task needs a causal LM.
+TASK_HEADS = {"reward": "reward", "prm": "prm"}
+HEAD_NAMES = {"causal_lm": "a language model", "reward": "a reward model", "prm": "a process reward model"}
 
 
-def check_tasks_fit(tasks: list[str], reward_model: bool, what: str) -> None:
-    """A reward model (no LM head) runs only the reward tasks; a language model all the others."""
+def check_tasks_fit(tasks: list[str], head: str, what: str) -> None:
+    """A reward model runs only the reward task, a process reward model only the prm task, a
+    language model all the others (``head``: causal_lm | reward | prm)."""
     from polmctl.errors import ConfigError
 
     for i, task in enumerate(tasks):
-        if reward_model != (task in REWARD_MODEL_TASKS):
-            lm_tasks = ", ".join(t for t in EVAL_TASKS if t not in REWARD_MODEL_TASKS)
-            fix = "eval.tasks=[reward]" if reward_model else f"an LM task ({lm_tasks})"
+        if TASK_HEADS.get(task, "causal_lm") != head:
+            own = [t for t, h in TASK_HEADS.items() if h == head]
+            lm_tasks = ", ".join(t for t in EVAL_TASKS if t not in TASK_HEADS)
+            fix = f"eval.tasks=[{own[0]}]" if own else f"an LM task ({lm_tasks})"
             raise ConfigError(f"eval.tasks[{i}]", f"{task!r} cannot evaluate {what}; use {fix}")
 
 
@@ -70,10 +87,10 @@ def eval_rows(task: str, cfg: EvalConfig, data: DataConfig) -> list[dict]:
 def run_evals(
     model, tokenizer, cfg: EvalConfig, data: DataConfig, out_dir: Path | None = None, tag: str = ""
 ) -> dict[str, dict[str, Any]]:
-    from polmctl.models import is_reward_model
+    from polmctl.models import head_of
 
-    reward_model = is_reward_model(model)
-    check_tasks_fit(cfg.tasks, reward_model, "a reward model" if reward_model else "a language model")
+    head = head_of(model)
+    check_tasks_fit(cfg.tasks, head, HEAD_NAMES[head])
     results = {}
     for task in cfg.tasks:
         if is_lm_eval_task(task):
@@ -95,13 +112,15 @@ def evaluate_run(cfg, model, tokenizer, run_dir: Path, tag: str, reuse: bool = F
     ``tag`` if there is one (a resumed run keeps its 'before'). Used by every runner."""
     from polmctl.console import console
     from polmctl.engine.metrics import write_json
+    from polmctl.rollout.cache import generation_cache
 
     if not cfg.eval.tasks:
         return None
     path = run_dir / "eval" / f"results-{tag}.json"
     if reuse and path.exists():
         return json.loads(path.read_text())
-    with console.status(f"evaluating ({tag}): {', '.join(cfg.eval.tasks)}"):
+    # generation.cache=quantized: every generate of the tasks uses the quantized KV cache.
+    with console.status(f"evaluating ({tag}): {', '.join(cfg.eval.tasks)}"), generation_cache(model, cfg.generation):
         results = run_evals(model, tokenizer, cfg.eval, cfg.data, run_dir / "eval", tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, results)

@@ -2,6 +2,7 @@
 
     preference        DPO and its variants, SimPO, CPO, ORPO, KTO
     reward            Bradley-Terry (reward modelling)
+    process           a label per reasoning step (process reward models)
     policy_gradient   advantages, clipped policy losses, KL estimators, GAE, the value loss
     distill           KL / generalised JSD between a student's and a teacher's distributions
     sft               token negative log-likelihood

@@ -2,10 +2,12 @@
 
     polmctl run recipe=grpo | rloo | ppo     (the callers: polmctl/methods/grpo.py, polmctl/methods/ppo.py)
 
-Group-relative methods (GRPO, RLOO, Dr. GRPO, DAPO) sample G completions per prompt, turn
-their scalar rewards into one advantage per completion (``group_advantages``) and train
-on ``clipped_policy_loss``. PPO adds a value head: per-token rewards -> ``gae`` ->
-``whiten``ed advantages, and ``clipped_value_loss``. Per-token tensors are [B, T] over the
+Group-relative methods (GRPO, RLOO, Dr. GRPO, DAPO, GSPO, CISPO) sample G completions per prompt,
+turn their scalar rewards into one advantage per completion (``group_advantages``) and train
+on ``clipped_policy_loss``. REINFORCE++ folds a per-token KL into the reward
+(``kl_shaped_returns``) and normalises advantages over the whole batch (``batch_whiten``).
+PPO adds a value head: per-token rewards -> ``gae`` -> ``whiten``ed advantages, and
+``clipped_value_loss``. Per-token tensors are [B, T] over the
 completion tokens, right-padded, with ``mask`` 1 on real tokens. Nothing here calls a model.
 
 The losses return ``(loss_sum, weight, metrics)`` for the engine's contract (LossTerms in
@@ -15,8 +17,11 @@ over the masked tokens. On one micro-batch ``loss_sum / weight`` is TRL's loss.
 
 Formulas match TRL's trl/trainer/grpo_trainer.py (``GRPOTrainer._compute_loss`` and the
 advantage block of ``_generate_and_score_completions``; read at commit d2b69d7, and for
-loss_type "dapo" as added by TRL PR #3938, e.g. commit a08e713 L2547-2562) and, for PPO,
+loss_type "dapo" as added by TRL PR #3938, e.g. commit a08e713 L2547-2562; for GSPO's
+importance_sampling_level="sequence" and loss_type "cispo", TRL 1.16's ``_compute_loss``) and, for PPO,
 ``PPOTrainer.train`` in trl/trainer/ppo_trainer.py with ``masked_whiten`` from trl/trainer/utils.py.
+REINFORCE++ follows OpenRLHF (commit 3c3be62): ``compute_reward``, ``get_cumulative_returns`` and
+the global advantage normalisation of openrlhf/trainer/ppo_utils/experience_maker.py.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from __future__ import annotations
 import torch
 
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
-IMPORTANCE_LEVELS = ("token", "sequence")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo")
+IMPORTANCE_LEVELS = ("token", "sequence", "sequence_mean")
+BASELINES = ("mean", "leave_one_out", "none")
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -46,6 +52,7 @@ def group_advantages(
 
     baseline mean            A_i = r_i - mean(group)                   GRPO
     baseline leave_one_out   A_i = r_i - mean(others) = G/(G-1) (r_i - mean(group))   RLOO
+    baseline none            A_i = r_i (scale none only)               REINFORCE++ before ``batch_whiten``
     scale std                A_i / (std(group) + eps)                  GRPO (TRL scale_rewards)
     scale none               A_i unscaled                              Dr. GRPO
 
@@ -54,11 +61,15 @@ def group_advantages(
     its mean away from the common value, and dividing that residue by eps would turn it into a
     sizeable advantage.
     """
-    if baseline not in ("mean", "leave_one_out"):
-        raise ValueError(f"unknown baseline {baseline!r}; expected 'mean' or 'leave_one_out'")
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
     if scale not in ("std", "none"):
         raise ValueError(f"unknown scale {scale!r}; expected 'std' or 'none'")
     groups = _grouped(rewards, group_size)
+    if baseline == "none":  # the reward itself: nothing is subtracted, so equal groups keep their value
+        if scale != "none":
+            raise ValueError("baseline 'none' leaves rewards uncentred: scaling by the group std needs a baseline")
+        return rewards.clone()
     mean = groups.mean(dim=1, keepdim=True)
     if baseline == "mean":
         advantages = groups - mean
@@ -94,15 +105,61 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def k1_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate k1 = logp - ref_logp (negative where the policy is less likely than the
+    reference), clamped to [-10, 10] and 0 on padding: OpenRLHF's ``compute_approx_kl`` with
+    kl_estimator "k1", the KL REINFORCE++ folds into the reward."""
+    return torch.where(mask > 0, (logps - ref_logps).clamp(-10, 10), 0.0)
+
+
+def kl_shaped_returns(rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, coef: float) -> torch.Tensor:
+    """REINFORCE++'s per-token returns (Hu et al., 2025; OpenRLHF's ``compute_reward`` and
+    ``get_cumulative_returns`` with gamma = 1): completion i's reward r_i lands on its last token,
+    every token pays -coef kl_t, and token t returns the sum from t to the end,
+
+        G_t = r_i - coef sum_{s >= t} kl_s        ([B, T]; 0 on padding; ``mask`` right-padded).
+    """
+    mask = mask.to(kl.dtype)
+    per_token = -coef * kl * mask
+    last = mask.size(1) - 1 - mask.flip(1).argmax(dim=1)
+    per_token[torch.arange(mask.size(0)), last] += rewards.to(kl.dtype)
+    return per_token.flip(1).cumsum(dim=1).flip(1) * mask
+
+
+def batch_whiten(values: list[torch.Tensor], masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """REINFORCE++'s global advantage normalisation (OpenRLHF, estimators reinforce and
+    reinforce_baseline): (A - mean) / sqrt(max(var, 1e-8)), one mean and one population variance
+    (divided by N, not N - 1) over every completion token of all the micro-batches of a rollout
+    (their widths differ, hence lists). A [B] entry (one advantage per completion) counts once per
+    token of its completion and comes back [B]; a [B, T] entry comes back 0 on padding."""
+    flat, weights = [], []
+    for value, mask in zip(values, masks):
+        mask = mask.to(value.dtype)
+        if value.dim() == 1:
+            flat.append(value)
+            weights.append(mask.sum(dim=1))
+        else:
+            flat.append(value[mask > 0])
+            weights.append(torch.ones_like(flat[-1]))
+    x, w = torch.cat(flat), torch.cat(weights)
+    if w.sum() < 1:
+        raise ValueError("batch_whiten needs at least one completion token")
+    mean = (x * w).sum() / w.sum()
+    rstd = (((x - mean) ** 2 * w).sum() / w.sum()).clamp(min=1e-8).rsqrt()
+    return [(v - mean) * rstd * (1 if v.dim() == 1 else m.to(v.dtype)) for v, m in zip(values, masks)]
+
+
 def policy_loss_weight(mask: torch.Tensor, loss_type: str, importance_level: str = "token") -> int:
     """The normaliser of ``clipped_policy_loss`` for a batch, known before the forward pass:
     the number of sequences for grpo and dr_grpo (and for any sequence-level ratio), of
-    completion tokens for dapo and bnpo."""
+    completion tokens for dapo, bnpo and cispo."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if importance_level not in IMPORTANCE_LEVELS:
         raise ValueError(f"unknown importance_level {importance_level!r}; expected one of {IMPORTANCE_LEVELS}")
-    sequences = loss_type in ("grpo", "dr_grpo") or importance_level == "sequence"
+    if loss_type == "cispo" and importance_level != "token":
+        raise ValueError("loss_type 'cispo' weights each token by its own ratio: importance_level must be 'token'")
+    sequences = loss_type in ("grpo", "dr_grpo") or importance_level != "token"
     return mask.size(0) if sequences else int(mask.sum())
 
 
@@ -148,13 +205,30 @@ def clipped_policy_loss(
     token-level ratio clips each token's change on its own; the sequence ratio clips the whole
     completion's likelihood change, which is what REINFORCE with a baseline estimates.
 
+    ``importance_level="sequence_mean"`` (GSPO, Zheng et al., 2025; TRL GRPOTrainer's
+    importance_sampling_level="sequence" with loss_type "grpo"): the same per-completion loss with
+    the length-normalised ratio s_i = exp(mean_t (logp - old_logp)) = (pi(y_i) / pi_old(y_i))^(1/|y_i|),
+    so a long completion's ratio stays near 1 and GSPO's small clip ranges (3e-4, 4e-4) apply to
+    every length alike.
+
+    ``loss_type="cispo"`` (CISPO, MiniMax-M1 2025; TRL's loss_type "cispo"): every token keeps its
+    gradient, weighted by its ratio capped from above and detached,
+
+        l_t = -sg(min(rho_t, 1 + eps_high)) A logp_t (+ beta k3_t),    loss_sum = sum l, weight = tokens.
+
+    The cap is 1 + ``epsilon_high`` (the paper's eps_high^IS; TRL's ``epsilon_high`` is the cap itself,
+    so TRL's 5.0 is 4.0 here); ``epsilon_low`` is not used (the paper sets no lower bound).
+
     Metrics, (sum, count) over masked tokens: ``clip_ratio/low`` (rho < 1 - eps_low, A < 0),
     ``clip_ratio/high`` (rho > 1 + eps_high, A > 0), ``clip_ratio/region`` (either: the
-    tokens whose gradient the clip removes), ``ratio`` (mean rho), ``kl`` (mean k3; beta > 0).
+    tokens whose gradient the clip removes; cispo: the tokens whose weight is capped with A > 0,
+    TRL's cispo_clip_ratio), ``ratio`` (mean rho), ``kl`` (mean k3; beta > 0).
     """
     weight = policy_loss_weight(mask, loss_type, importance_level)
-    if importance_level == "sequence" and advantages.dim() != 1:
-        raise ValueError("importance_level 'sequence' needs one advantage per completion ([B]), not per token")
+    if importance_level != "token" and advantages.dim() != 1:
+        raise ValueError(
+            f"importance_level {importance_level!r} needs one advantage per completion ([B]), not per token"
+        )
     if loss_type == "dr_grpo" and importance_level == "token" and not max_completion_length:
         raise ValueError("loss_type 'dr_grpo' needs max_completion_length (the generation limit)")
     if beta > 0 and ref_logps is None:
@@ -165,8 +239,11 @@ def clipped_policy_loss(
     # multiplying by the mask afterwards would leave inf * 0 = NaN in the loss or its gradient.
     log_ratio = torch.where(real, logps - old_logps, 0.0)
     a = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    if importance_level == "sequence":
-        ratio = torch.exp(log_ratio.sum(dim=1, keepdim=True))  # [B, 1]
+    if importance_level != "token":
+        log_ratio = log_ratio.sum(dim=1, keepdim=True)  # [B, 1]
+        if importance_level == "sequence_mean":
+            log_ratio = log_ratio / mask.sum(dim=1, keepdim=True).clamp(min=1)
+        ratio = torch.exp(log_ratio)
         per_row = -torch.min(ratio * a, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * a).squeeze(1)
         if beta > 0:
             kl = k3_kl(logps, torch.where(real, ref_logps, logps))
@@ -177,7 +254,11 @@ def clipped_policy_loss(
             _clip_metrics(ratio.expand_as(mask), a, mask, epsilon_low, epsilon_high, kl if beta > 0 else None),
         )
     ratio = torch.exp(log_ratio)
-    per_token = -torch.min(ratio * a, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * a)
+    if loss_type == "cispo":
+        capped = ratio.clamp(max=1 + epsilon_high).detach()
+        per_token = -capped * a * torch.where(real, logps, 0.0)
+    else:
+        per_token = -torch.min(ratio * a, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * a)
     if beta > 0:
         kl = k3_kl(logps, torch.where(real, ref_logps, logps))
         per_token = per_token + beta * kl
@@ -188,7 +269,8 @@ def clipped_policy_loss(
         loss_sum = per_token.sum() / max_completion_length
     else:
         loss_sum = per_token.sum()
-    return loss_sum, weight, _clip_metrics(ratio, a, mask, epsilon_low, epsilon_high, kl if beta > 0 else None)
+    low = float("inf") if loss_type == "cispo" else epsilon_low  # cispo has no lower bound to count
+    return loss_sum, weight, _clip_metrics(ratio, a, mask, low, epsilon_high, kl if beta > 0 else None)
 
 
 def _clip_metrics(

@@ -8,17 +8,21 @@
 over the whole optimizer step. Nothing here calls a model.
 
 The DPO formulas match ``DPOTrainer.dpo_loss`` of TRL's trl/trainer/dpo_trainer.py as of a
-late-2025 main snapshot (the one whose ``loss_type`` list includes "sft"); the others match
-TRL's CPOTrainer.cpo_loss (sigmoid, simpo), ORPOTrainer.odds_ratio_loss and KTOTrainer.kto_loss.
+late-2025 main snapshot (the one whose ``loss_type`` list includes "sft"), and for bco_pair,
+apo_zero, apo_down, exo_pair, nca_pair and sppo_hard the branches of TRL 1.16's
+``DPOTrainer._compute_loss``; the others match TRL's CPOTrainer.cpo_loss (sigmoid, simpo),
+ORPOTrainer.odds_ratio_loss and KTOTrainer.kto_loss.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 Metrics = dict[str, torch.Tensor]
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+DPO_LOSS_TYPES = tuple("sigmoid robust hinge ipo bco_pair apo_zero apo_down exo_pair nca_pair sppo_hard".split())
 
 
 def _rewards(chosen: torch.Tensor, rejected: torch.Tensor) -> Metrics:
@@ -41,23 +45,37 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, Metrics]:
-    """DPO (Rafailov et al., 2023) and its variants on h = (pc - rc) - (pr - rr), e = label_smoothing:
+    """DPO (Rafailov et al., 2023) and its variants on h = h_w - h_l, h_w = pc - rc, h_l = pr - rr,
+    r_w = beta h_w, r_l = beta h_l, e = label_smoothing:
 
-    sigmoid  -(1 - e) logsig(beta h) - e logsig(-beta h)          e = 0: DPO; e > 0: conservative DPO
-    robust   ((1 - e) -logsig(beta h) + e logsig(-beta h)) / (1 - 2e)   robust DPO (Chowdhury et al., 2024)
-    hinge    relu(1 - beta h)                                     SLiC (Zhao et al., 2023)
-    ipo      (h - 1 / (2 beta))^2                                 IPO (Azar et al., 2023)
+    sigmoid    -(1 - e) logsig(beta h) - e logsig(-beta h)          e = 0: DPO; e > 0: conservative DPO
+    robust     ((1 - e) -logsig(beta h) + e logsig(-beta h)) / (1 - 2e)   robust DPO (Chowdhury et al., 2024)
+    hinge      relu(1 - beta h)                                     SLiC (Zhao et al., 2023)
+    ipo        (h - 1 / (2 beta))^2                                 IPO (Azar et al., 2023)
+    bco_pair   -logsig(r_w) - logsig(-r_l)                          BCO (Jung et al., 2024), no reward shift
+    apo_zero   (1 - sig(r_w)) + sig(r_l)                            APO-zero (D'Oosterlinck et al., 2024, eq. 7)
+    apo_down   sig(r_w) + (1 - sig(r_w - r_l))                      APO-down (eq. 8)
+    exo_pair   q log(q / (1 - e)) + (1 - q) log((1 - q) / e), q = sig(beta h)   EXO-pref (Ji et al., 2024, eq. 16)
+    nca_pair   -logsig(r_w) - logsig(-r_w) / 2 - logsig(-r_l) / 2   NCA (Chen et al., 2024)
+    sppo_hard  (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2      SPPO with hard P = 1 / 0 (Wu et al., 2024, eq. 4.7)
 
-    hinge and ipo ignore ``label_smoothing``, as TRL does. IPO is defined on length-averaged
-    log-probs (TRL divides by the completion length when the loss is ipo): for that, pass
-    summed log-prob / completion length for all four inputs. Rewards are beta (policy - ref)
-    of whatever was passed in.
+    exo_pair reads ``label_smoothing`` as EXO's epsilon and needs it in (0, 1) (the paper suggests
+    1e-3); hinge, ipo and the other new types ignore it, as TRL does. bco_pair is TRL 1.16's: the
+    BCO paper (and TRL <= 0.28's bco_pair, trl.experimental.bco) also shifts both rewards by delta,
+    a running mean of past rewards; that running state is not kept here, so bco_pair is BCO with
+    delta = 0. IPO is defined on length-averaged log-probs (TRL divides by the completion length
+    when the loss is ipo): for that, pass summed log-prob / completion length for all four inputs;
+    every other type takes summed log-probs, as TRL. Rewards are beta (policy - ref) of whatever
+    was passed in.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
     if loss_type == "robust" and not 0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing!r}")
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "exo_pair" and not 0 < label_smoothing < 1:
+        raise ValueError(f"exo_pair needs 0 < label_smoothing < 1 (EXO's epsilon, e.g. 1e-3), got {label_smoothing!r}")
+    h_w, h_l = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    h, r_w, r_l = h_w - h_l, beta * h_w, beta * h_l
     e = label_smoothing
     if loss_type == "sigmoid":
         losses = -(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)
@@ -65,9 +83,22 @@ def dpo_loss(
         losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
-    else:
+    elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
-    return losses, _rewards(beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected))
+    elif loss_type == "bco_pair":
+        losses = -F.logsigmoid(r_w) - F.logsigmoid(-r_l)
+    elif loss_type == "apo_zero":
+        losses = (1 - torch.sigmoid(r_w)) + torch.sigmoid(r_l)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(r_w) + (1 - torch.sigmoid(r_w - r_l))
+    elif loss_type == "exo_pair":  # KL(softmax over {w, l} of beta h || [1 - e, e]), log-sigmoids for stability
+        log_q_w, log_q_l = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)
+        losses = log_q_w.exp() * (log_q_w - math.log1p(-e)) + log_q_l.exp() * (log_q_l - math.log(e))
+    elif loss_type == "nca_pair":
+        losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+    else:  # sppo_hard
+        losses = (h_w - 1 / (2 * beta)) ** 2 + (h_l + 1 / (2 * beta)) ** 2
+    return losses, _rewards(r_w, r_l)
 
 
 def simpo_loss(

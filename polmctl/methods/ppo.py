@@ -47,6 +47,7 @@ from polmctl.losses import IGNORE_INDEX
 from polmctl.losses import policy_gradient as pg
 from polmctl.methods.rollouts import RolloutBatches
 from polmctl.models.forward import policy_forward, token_logps
+from polmctl.rollout.reward_data import check_reward_data
 from polmctl.rollout.sampling import ScoredSamplingOptions, sample_and_score
 
 
@@ -103,7 +104,8 @@ class PPOObjective(Objective):
         return self.value_head(hidden.float()).squeeze(-1)
 
     def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
-        return prompt_rows(rows, data.source)
+        rows, stats = prompt_rows(rows, data.source)
+        return rows, check_reward_data(rows, self.method.rewards, data.source, stats)  # before the model loads
 
     def weight(self, batch: dict) -> int:
         return pg.policy_loss_weight(batch["labels"][:, 1:] != IGNORE_INDEX, "dapo")  # completion tokens

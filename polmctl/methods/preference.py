@@ -3,12 +3,15 @@ SimPO, CPO and ORPO, all through the one engine.
 
     polmctl run recipe=dpo method.beta=0.2
     polmctl run recipe=ipo
+    polmctl run recipe=dpo method.loss=apo_zero        # or bco_pair, apo_down, nca_pair, sppo_hard
+    polmctl run recipe=dpo method.loss=exo_pair method.label_smoothing=1e-3
     polmctl run recipe=simpo method.gamma=0.5
     polmctl run recipe=cpo | orpo
 
 Features and the flag that controls each:
   loss family                     method=dpo | simpo | cpo | orpo (the recipe picks it)
-  DPO variants                    method.loss: sigmoid | ipo | robust | hinge, method.label_smoothing
+  DPO variants                    method.loss: sigmoid | ipo | robust | hinge | bco_pair | apo_zero | apo_down
+                                  | exo_pair | nca_pair | sppo_hard; method.label_smoothing (EXO's epsilon)
   reference log-probs, once       method.precompute_ref_logps (default true; cached on disk)
   no second model copy with LoRA  the reference is the policy with its adapters disabled (methods/reference.py)
 Chosen and rejected go through the model as one batch of 2B rows; each pair's prompt runs once,
@@ -40,9 +43,15 @@ from polmctl.models.forward import sequence_logps
 @dataclass
 class DPOMethod:
     name: str = option("dpo", "dpo: direct preference optimisation against a reference model")
-    loss: str = option("sigmoid", "sigmoid (DPO) | ipo | robust (cDPO) | hinge")
+    loss: str = option(
+        "sigmoid",
+        "sigmoid (DPO) | ipo | robust (cDPO) | hinge | bco_pair | apo_zero | apo_down | exo_pair | "
+        "nca_pair | sppo_hard (formulas: polmctl/losses/preference.py dpo_loss, docs/alignment.md)",
+    )
     beta: float = option(0.1, "strength of the KL constraint to the reference (higher: stay closer)")
-    label_smoothing: float = option(0.0, "assumed fraction of flipped labels (sigmoid: conservative DPO, robust)")
+    label_smoothing: float = option(
+        0.0, "assumed fraction of flipped labels (sigmoid: conservative DPO, robust; exo_pair: EXO's epsilon)"
+    )
     precompute_ref_logps: bool = option(True, "score the data with the reference once before training (cached)")
 
     def check(self, section: str) -> None:
@@ -50,6 +59,11 @@ class DPOMethod:
         positive(section, "beta", self.beta)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"{section}.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.loss == "exo_pair" and self.label_smoothing == 0:
+            raise ConfigError(
+                f"{section}.label_smoothing",
+                "is EXO's epsilon with loss=exo_pair and must be > 0 (log epsilon); the EXO paper suggests 1e-3",
+            )
 
 
 @dataclass

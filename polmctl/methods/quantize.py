@@ -4,13 +4,15 @@ polmctl/runners/quantize.py, does the work with polmctl/compress/quantize.py).
     polmctl run recipe=quantize                            # nf4: bitsandbytes 4-bit NormalFloat, double quant
     polmctl run recipe=quantize method.scheme=int8         # bitsandbytes LLM.int8()
     polmctl run recipe=quantize method.scheme=cpu_int8     # torchao int8 weights, for inference on CPUs
+    polmctl run recipe=quantize method.scheme=cpu_int4     # torchao group-wise int4 weights, CPU
+    polmctl run recipe=quantize method.scheme=hqq method.bits=4   # HQQ, no calibration data
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from polmctl.compress.quantize import COMPUTE_DTYPES, SCHEMES
+from polmctl.compress.quantize import COMPUTE_DTYPES, HQQ_BITS, INT4_GROUP_SIZES, SCHEMES
 from polmctl.config.schema import one_of, option, positive
 from polmctl.errors import ConfigError
 
@@ -21,7 +23,8 @@ class QuantizeMethod:
     scheme: str = option(
         "nf4",
         "nf4 | fp4 (bitsandbytes 4-bit) | int8 (bitsandbytes LLM.int8) | cpu_int8 (torchao "
-        "int8 weights, for inference on CPUs; pip install 'torchao>=0.15')",
+        "int8 weights, for inference on CPUs; pip install 'torchao>=0.15') | cpu_int4 (torchao group-wise "
+        "int4 weights, CPU) | hqq (HQQ, method.bits; pip install hqq)",
     )
     double_quant: bool = option(True, "nf4 / fp4: also quantize the per-block scales (about 0.4 bits per weight less)")
     compute_dtype: str = option(
@@ -38,8 +41,16 @@ class QuantizeMethod:
     speed_prompts: int = option(16, "held-out arithmetic prompts generated greedily before and after, for tokens/s")
     speed_max_new_tokens: int = option(32, "tokens/s measurement: new tokens per prompt at most")
     speed_batch_size: int = option(8, "tokens/s measurement: prompts per generate call")
+    bits: int = option(4, "hqq: bits per weight: 1 | 2 | 3 | 4 | 8")
+    group_size: int = option(64, "cpu_int4 (32 | 64 | 128) and hqq: weights that share one scale and zero point")
 
     def check(self, section: str) -> None:
+        if self.scheme in ("gptq", "awq"):
+            raise ConfigError(
+                f"{section}.scheme",
+                f"{self.scheme} needs CUDA kernels (GPTQModel, llm-compressor) and calibration on a GPU; not offered "
+                "here: for 4-bit weights use hqq or cpu_int4 (CPU), or nf4 (bitsandbytes)",
+            )
         one_of(section, "scheme", self.scheme, SCHEMES)
         one_of(section, "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if self.dynamic_activations and self.scheme != "cpu_int8":
@@ -49,3 +60,12 @@ class QuantizeMethod:
             )
         for name in ("speed_prompts", "speed_max_new_tokens", "speed_batch_size"):
             positive(section, name, getattr(self, name))
+        one_of(section, "bits", self.bits, HQQ_BITS)
+        if self.bits != 4 and self.scheme != "hqq":
+            raise ConfigError(f"{section}.bits", f"only hqq reads it ({self.scheme} has its own width); drop it")
+        if self.scheme == "cpu_int4":
+            one_of(section, "group_size", self.group_size, INT4_GROUP_SIZES)
+        elif self.scheme == "hqq" and (self.group_size <= 0 or self.group_size % 8):
+            raise ConfigError(f"{section}.group_size", f"hqq needs a positive multiple of 8, got {self.group_size}")
+        elif self.group_size != 64 and self.scheme not in ("cpu_int4", "hqq"):
+            raise ConfigError(f"{section}.group_size", f"only cpu_int4 and hqq read it, not {self.scheme}; drop it")

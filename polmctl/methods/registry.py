@@ -21,18 +21,24 @@ from polmctl.engine.contract import Objective
 from polmctl.errors import ConfigError
 from polmctl.methods import (
     distill,
+    edit,
     evaluate,
     grpo,
     kto,
+    lowrank,
     merge,
+    online_dpo,
     pipeline,
     ppo,
     preference,
+    prm,
     prune,
     quantize,
     rejection_sampling,
     reward_model,
     sft,
+    step_dpo,
+    unlearn,
     vlm,
 )
 from polmctl.methods.reference import holds_frozen_copy
@@ -58,7 +64,7 @@ def _teacher(run: RunConfig) -> SecondModel:
 @dataclass(frozen=True)
 class MethodSpec:
     schema: type  # the dataclass of the ``method`` node
-    runner: str  # a name of polmctl.runners.RUNNERS: train | prune | quantize | merge | vlm | pipeline | evaluate
+    runner: str  # a name of polmctl.runners.RUNNERS: train | prune | quantize | lowrank | merge | vlm | ...
     objective: Callable[[Any], Objective] | None = None  # the training step (runner train)
     second_model: Callable[[RunConfig], SecondModel] = lambda run: None  # what else the run holds in memory
 
@@ -78,15 +84,33 @@ METHODS: dict[str, MethodSpec] = {
         kto.KTOMethod, "train", kto.KTOObjective, _reference(lambda m: True, lambda m: m.precompute_ref_logps)
     ),
     "reward_model": MethodSpec(reward_model.RewardMethod, "train", reward_model.RewardObjective),
+    "unlearn": MethodSpec(
+        unlearn.UnlearnMethod,
+        "train",
+        unlearn.UnlearnObjective,
+        _reference(lambda m: m.needs_reference, lambda m: not m.live_reference),
+    ),
+    "prm": MethodSpec(prm.PRMMethod, "train", prm.PRMObjective),
+    "step_dpo": MethodSpec(
+        step_dpo.StepDPOMethod,
+        "train",
+        step_dpo.StepDPOObjective,
+        _reference(lambda m: True, lambda m: m.precompute_ref_logps),
+    ),
     "grpo": MethodSpec(grpo.GRPOMethod, "train", grpo.GRPOObjective, _reference(lambda m: m.beta > 0)),
     "ppo": MethodSpec(ppo.PPOMethod, "train", ppo.PPOObjective, _reference(lambda m: m.kl_coef > 0)),
     "rejection_sampling": MethodSpec(
         rejection_sampling.RejectionSamplingMethod, "train", rejection_sampling.RejectionSamplingObjective
     ),
+    "online_dpo": MethodSpec(
+        online_dpo.OnlineDPOMethod, "train", online_dpo.OnlineDPOObjective, online_dpo.second_model
+    ),
     "distill": MethodSpec(distill.DistillMethod, "train", distill.DistillObjective, _teacher),
     "prune": MethodSpec(prune.PruneMethod, "prune"),
     "quantize": MethodSpec(quantize.QuantizeMethod, "quantize"),
+    "lowrank": MethodSpec(lowrank.LowRankMethod, "lowrank"),
     "merge": MethodSpec(merge.MergeMethod, "merge"),
+    "edit": MethodSpec(edit.EditMethod, "edit"),
     "vlm": MethodSpec(vlm.VlmMethod, "vlm"),
     "pipeline": MethodSpec(pipeline.PipelineMethod, "pipeline"),
     "evaluate": MethodSpec(evaluate.EvaluateMethod, "evaluate"),

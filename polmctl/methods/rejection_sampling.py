@@ -34,6 +34,7 @@ from polmctl.engine.contract import LossTerms, Objective
 from polmctl.errors import TrainingError
 from polmctl.methods.sft import SFTObjective
 from polmctl.rollout.backends import make_backend
+from polmctl.rollout.reward_data import check_reward_data
 from polmctl.rollout.rewards import CombinedReward
 from polmctl.rollout.sampling import ScoredSamplingOptions, sample_and_score
 
@@ -63,7 +64,8 @@ class RejectionSamplingObjective(Objective):
 
     def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
         self.sft.pad_token_id = tokenizer.pad_token_id
-        return prompt_rows(rows, data.source)
+        rows, stats = prompt_rows(rows, data.source)
+        return rows, check_reward_data(rows, self.method.rewards, data.source, stats)  # before the model loads
 
     def collate(self, examples: list[dict]) -> dict:
         return self.sft.collate(examples)

@@ -4,6 +4,7 @@ from polmctl.models.adapters import apply_peft, trainable_parameter_summary
 from polmctl.models.builtin import BUILTIN_MODELS, materialise_builtin
 from polmctl.models.cache import cache_root
 from polmctl.models.load import (
+    head_of,
     is_reward_model,
     load_model,
     load_model_and_tokenizer,
@@ -22,6 +23,7 @@ __all__ = [
     "load_model",
     "load_model_and_tokenizer",
     "model_head",
+    "head_of",
     "is_reward_model",
     "apply_peft",
     "trainable_parameter_summary",

@@ -1,7 +1,10 @@
-"""Attach peft adapters by ``peft.method``: lora, dora, prompt_tuning, prefix_tuning (none: full fine-tuning).
+"""Attach peft adapters by ``peft.method``: lora, dora, prompt_tuning, prefix_tuning, and the rest of
+peft's family for causal LMs (ia3, vera, loha, lokr, oft, boft, adalora, ln_tuning; built by
+polmctl/models/peft_variants.py, which also holds LoRA's initialisations). none: full fine-tuning.
 
     polmctl run recipe=lora peft.r=8 peft.target_modules=[q_proj,v_proj]
     polmctl run recipe=prompt_tuning peft.prompt_init_text="Answer with the number only."
+    polmctl run recipe=lora peft=adalora          # any adapter type on the LoRA recipe's data and budget
 
 Known limit (transformers 5.24 + peft 0.21.2): training forward/backward of prompt and
 prefix tuning is right, but ``PeftModel.generate`` is not. transformers renamed the
@@ -17,20 +20,22 @@ sampler) decodes prompt-learning models with its own loop instead, so polmctl is
 
 from __future__ import annotations
 
-from polmctl.config.schema import PeftConfig
+from polmctl.config.schema import PEFT_METHODS, PeftConfig
 from polmctl.errors import ModelError
+from polmctl.models import peft_variants
 
-METHODS = ("none", "lora", "dora", "prompt_tuning", "prefix_tuning")
+METHODS = PEFT_METHODS
 
 
-def peft_config(cfg: PeftConfig, tokenizer=None, model=None):
-    """The peft config object for ``cfg.method`` (not ``none``)."""
+def peft_config(cfg: PeftConfig, tokenizer=None, model=None, total_steps: int | None = None):
+    """The peft config object for ``cfg.method`` (not ``none``); ``total_steps`` is AdaLoRA's schedule."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
-    from polmctl.models.load import is_reward_model
+    from polmctl.models.load import head_of
 
-    # SEQ_CLS makes peft keep the reward model's fresh score head trainable (modules_to_save).
-    task = TaskType.SEQ_CLS if model is not None and is_reward_model(model) else TaskType.CAUSAL_LM
+    # SEQ_CLS / TOKEN_CLS make peft keep a reward model's (a PRM's) fresh score head trainable (modules_to_save).
+    tasks = {"reward": TaskType.SEQ_CLS, "prm": TaskType.TOKEN_CLS}
+    task = tasks.get(head_of(model), TaskType.CAUSAL_LM) if model is not None else TaskType.CAUSAL_LM
     if cfg.method in ("lora", "dora"):
         targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
         return LoraConfig(
@@ -41,6 +46,10 @@ def peft_config(cfg: PeftConfig, tokenizer=None, model=None):
             target_modules=targets,
             use_dora=cfg.method == "dora",
             use_rslora=cfg.use_rslora,
+            # peft 0.21's token-classification model names its head (classifier / score) only after
+            # placing LoRA, so all-linear would adapt the fresh head and then fail to train it whole.
+            modules_to_save=["classifier", "score"] if task == TaskType.TOKEN_CLS else None,
+            **peft_variants.lora_options(cfg, weights_known=model is None or not _on_meta(model)),
         )
     if cfg.method == "prompt_tuning":
         if not cfg.prompt_init_text:
@@ -58,6 +67,8 @@ def peft_config(cfg: PeftConfig, tokenizer=None, model=None):
         )
     if cfg.method == "prefix_tuning":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.method in METHODS and cfg.method != "none":
+        return peft_variants.variant_config(cfg, task, total_steps)
     raise ModelError(f"peft.method={cfg.method!r} is not an adapter; use one of {', '.join(METHODS)}")
 
 
@@ -70,14 +81,21 @@ def _adapter_method(model) -> str:
     return kind
 
 
+def _on_meta(model) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
 def _linear_names(model) -> list[str]:
     import torch
 
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def apply_peft(model, cfg: PeftConfig, tokenizer=None):
+def apply_peft(model, cfg: PeftConfig, tokenizer=None, *, examples=None, total_steps: int | None = None):
     """``model`` with the adapter of ``cfg.method`` attached; only adapter parameters train.
+
+    ``examples`` (encoded training rows) feed peft.init=eva; ``total_steps`` (trainer.max_steps) is
+    AdaLoRA's budget schedule, whose hook ``peft_variants.step_hooks`` gives the trainer.
 
     ``none`` returns the model itself with every parameter trainable (full fine-tuning).
     A model that already carries a peft adapter (loaded from an adapter dir) is returned as
@@ -109,7 +127,10 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None):
                 p.requires_grad_(True)
         return model
     try:
-        adapted = get_peft_model(model, peft_config(cfg, tokenizer, model))
+        on_meta = _on_meta(model)  # built to count parameters: no weights, nothing to initialise from
+        config = peft_config(cfg, tokenizer, model, total_steps)
+        # EVA fills A and B from data right after: peft builds them without initialising first.
+        adapted = get_peft_model(model, config, low_cpu_mem_usage=getattr(config, "init_lora_weights", 0) == "eva")
     except ValueError as err:
         message = str(err).lower()
         if "target modules" in message or "target_modules" in message:
@@ -123,6 +144,9 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None):
                 "(peft refuses it); set model.gradient_checkpointing=false"
             ) from None
         raise ModelError(f"peft.method={cfg.method}: {str(err).strip().splitlines()[0]}") from err
+    if not on_meta:
+        pad = getattr(tokenizer, "pad_token_id", None)
+        peft_variants.after_get_peft_model(adapted, cfg, examples=examples, pad_token_id=pad)
     fuse_lora_layers(adapted)  # LoRA's update added inside the matmul (models/fused_lora.py)
     return adapted
 

@@ -19,6 +19,8 @@ import torch
 from polmctl.config.schema import ModelConfig
 from polmctl.errors import ModelError
 from polmctl.models.builtin import BUILTIN_MODELS, materialise_builtin
+from polmctl.models.hub import hub_or_cache
+from polmctl.models.replaced import is_replaced_dir, load_replaced
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # What a failing library call raises for a missing, unreachable or malformed model.
@@ -35,6 +37,9 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
             return str(path / "final")
         if (path / "config.json").exists() or (path / "adapter_config.json").exists():
             return str(path)
+        checkpoint = checkpoint_hint(path)
+        if checkpoint:
+            raise ModelError(checkpoint)
         hint = " (a run dir without final/: the run has not finished)" if (path / "checkpoints").is_dir() else ""
         raise ModelError(
             f"{name_or_path} holds no model{hint}: no config.json, adapter_config.json or final/; "
@@ -53,13 +58,30 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     )
 
 
+def checkpoint_hint(path: Path) -> str | None:
+    """For a training checkpoint (checkpoints/step-N: trained weights and trainer state, no model
+    config), the one line that says how to make it a model dir; None for anything else."""
+    path = Path(path).expanduser()
+    named = path.parent.name == "checkpoints" and re.fullmatch(r"step-\d+", path.name)
+    if not path.is_dir() or not (named or (path / "trainable.safetensors").is_file()):
+        return None
+    return (
+        f"{path} is a training checkpoint (trained weights and trainer state), not a model dir; make "
+        f"one with `polmctl export {path} --out exported/{path.name}` (add --merge-adapters for a LoRA "
+        f"run) and use exported/{path.name}"
+    )
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 
 def _call(fn, name: str, what: str, **kwargs):
-    """``fn(name, **kwargs)``, with a failure turned into one ModelError line naming ``name``."""
+    """``fn(name, **kwargs)``, with a failure turned into one ModelError line naming ``name``; a hub id
+    when the hub cannot be reached loads from the local cache or fails at once (models/hub.py)."""
+    if not Path(name).expanduser().exists() and HUB_ID.match(name):
+        name = hub_or_cache(name, what, kwargs.get("revision"))
     try:
         return fn(name, **kwargs)
     except LOAD_ERRORS as err:
@@ -190,12 +212,16 @@ def _enable_checkpointing(model) -> None:
     model.enable_input_require_grads()
 
 
-HEADS = ("causal_lm", "reward")
+HEADS = ("causal_lm", "reward", "prm")
+# The head of each kind of model, by the end of its class name and the task type of its peft adapter.
+HEAD_CLASSES = {"reward": ("ForSequenceClassification", "SEQ_CLS"), "prm": ("ForTokenClassification", "TOKEN_CLS")}
+PRM_LABELS = {0: "wrong", 1: "correct"}  # a process reward model's two labels per step (TRL: LABEL_1 is correct)
 
 
 def model_head(path: str) -> str:
     """``reward`` if the model dir (or adapter dir) at ``path`` holds a sequence-classification
-    model (a reward model), else ``causal_lm``; hub ids count as causal LMs."""
+    model (a reward model), ``prm`` if a token-classification one (a process reward model), else
+    ``causal_lm``; hub ids count as causal LMs."""
 
     def read(name: str) -> dict:  # a malformed file is reported by the loader, with its name
         try:
@@ -204,14 +230,22 @@ def model_head(path: str) -> str:
             return {}
 
     architectures = read("config.json").get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "reward"
-    return "reward" if read("adapter_config.json").get("task_type") == "SEQ_CLS" else "causal_lm"
+    task_type = read("adapter_config.json").get("task_type")
+    for head, (suffix, task) in HEAD_CLASSES.items():
+        if task_type == task or any(a.endswith(suffix) for a in architectures):
+            return head
+    return "causal_lm"
+
+
+def head_of(model) -> str:
+    """The head of a loaded model (or peft model): causal_lm | reward | prm."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    return next((head for head, (suffix, _) in HEAD_CLASSES.items() if name.endswith(suffix)), "causal_lm")
 
 
 def is_reward_model(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base).__name__.endswith("ForSequenceClassification")
+    return head_of(model) == "reward"
 
 
 def load_model(
@@ -226,14 +260,15 @@ def load_model(
 
     ``head="reward"`` loads a sequence-classification model with one scalar output (a reward
     model; from a causal LM its score head starts untrained) and sets its ``pad_token_id``,
-    which its pooling uses to find each row's last token. ``None`` takes the head the
-    model dir was saved with.
+    which its pooling uses to find each row's last token. ``head="prm"`` loads a
+    token-classification model with two labels per token (wrong, correct: a process reward
+    model, TRL PRMTrainer's model). ``None`` takes the head the model dir was saved with.
 
     A dir holding a peft adapter loads the base model it names and attaches the adapter
     (trainable if ``for_training``). A quantized base that is trained goes through
     ``peft.prepare_model_for_kbit_training``.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     device = _check_device(torch.device(device))
     path = resolve_model_path(cfg.name_or_path, cfg.cache_dir)
@@ -253,8 +288,16 @@ def load_model(
             kwargs["num_labels"] = 1
             if pad_token_id is not None:
                 kwargs["pad_token_id"] = pad_token_id
-        auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
-        model = _call(auto.from_pretrained, base_path or path, "model", **kwargs)
+        if head == "prm":
+            kwargs.update(id2label=PRM_LABELS, label2id={v: k for k, v in PRM_LABELS.items()})
+        autos = {"reward": AutoModelForSequenceClassification, "prm": AutoModelForTokenClassification}
+        auto = autos.get(head, AutoModelForCausalLM)
+        if is_replaced_dir(base_path or path):  # low-rank factors, HQQ / torchao int4 layers (models/replaced.py)
+            model = load_replaced(
+                base_path or path, dtype=dtype, device=device, head=head, quantization=cfg.quantization
+            )
+        else:
+            model = _call(auto.from_pretrained, base_path or path, "model", **kwargs)
     except ImportError as err:  # e.g. attn_implementation=flash_attention_2 without flash-attn
         raise ModelError(f"cannot load {cfg.name_or_path}: {_first_line(err)}") from None
     if quant is None:

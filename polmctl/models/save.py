@@ -2,7 +2,11 @@
 
 A peft model is written as its adapter (adapter_model.safetensors + adapter_config.json,
 whose base_model_name_or_path names the base model dir or hub id), or with
-``merge_adapters`` as one full model with the LoRA/DoRA update merged into the weights.
+``merge_adapters`` as one full model with the adapter's update merged into the weights (every
+peft method but prompt and prefix tuning merges). A PiSSA/OLoRA adapter is written as the plain
+LoRA that turns the original base into the trained model (models/peft_variants.py).
+A model whose Linear layers polmctl replaced (low-rank factors, HQQ or torchao int4 weights) is
+written in polmctl's own layout (models/replaced.py), which ``load_model`` reads.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import shutil
 from pathlib import Path
 
 from polmctl.errors import ModelError
+from polmctl.models.peft_variants import initial_adapter, save_converted
+from polmctl.models.replaced import replaced_layers, save_replaced
 
 
 def _write(model, tokenizer, tmp: Path, merge_adapters: bool, heads: dict, sparsity) -> None:
@@ -38,10 +44,10 @@ def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) ->
     if isinstance(model, PeftModel):
         if merge_adapters:
             config = model.active_peft_config
-            if getattr(config.peft_type, "value", config.peft_type) != "LORA":
+            if config.is_prompt_learning:
                 raise ModelError(
-                    f"cannot merge a {config.peft_type} adapter into the weights (only lora and dora "
-                    "merge); save without merging (peft.merge_on_save=false)"
+                    f"cannot merge a {config.peft_type} adapter into the weights (its virtual tokens are "
+                    "not a weight update); save without merging (peft.merge_on_save=false)"
                 )
             if getattr(model.get_base_model(), "is_quantized", False):
                 raise ModelError(
@@ -55,7 +61,12 @@ def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) ->
                 sparsity.apply(to_save)
     elif merge_adapters and getattr(model, "peft_config", None):
         raise ModelError("merge_adapters needs a peft.PeftModel; this model has adapters injected another way")
-    to_save.save_pretrained(tmp, safe_serialization=True)
+    if not isinstance(to_save, PeftModel) and replaced_layers(to_save):  # low-rank / HQQ / torchao int4 layers
+        save_replaced(to_save, tmp)
+    elif to_save is model and initial_adapter(model) is not None:
+        save_converted(model, tmp)
+    else:
+        to_save.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
 
 

@@ -13,6 +13,7 @@ by ``_target_``, each with an optional weight:
       - {name: format, weight: 0.2}
       - {name: length_penalty, weight: 0.1, kwargs: {target: 300}}
       - {name: reward_model, path: outputs/reward_model/2026-11-25/10-00-00}
+      - {name: prm, path: outputs/prm/2026-12-03/10-00-00, kwargs: {aggregate: product}}
       - {_target_: mypkg.rewards.my_reward, weight: 0.5}
 
 ``kwargs`` are passed to the reward function on every call; the spec's other keys
@@ -33,10 +34,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from polmctl.data.builtin.answers import ANY_NUMBER, extract_answer, normalise_number
+from polmctl.data.builtin.answers import extract_answer
 from polmctl.data.formats import format_completion, format_prompt
 from polmctl.data.preference import pad_sequences
 from polmctl.errors import RewardError
+from polmctl.rollout.math_check import same_answer
+from polmctl.rollout.process_reward import load_prm_scorer
+from polmctl.targets import resolve_target
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -62,37 +66,46 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def final_answer(completion: str) -> str | None:
-    r"""The answer a completion gives: the last ``<answer>`` tag's content (or the ``\boxed{}``
-    inside it), else the last ``\boxed{}``, else ``extract_answer`` ("The answer is N", else
-    the last number); None when there is none."""
+def _held_answer(completion: str) -> str | None:
+    r"""The last ``<answer>`` tag's content (or the ``\boxed{}`` inside it), else the last ``\boxed{}``."""
     tagged = ANSWER_TAG.findall(completion)
     text = tagged[-1] if tagged else completion
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    if tagged:
-        return text.strip()
-    return extract_answer(completion)
+    return text.strip() if tagged else None
 
 
-def _canonical(answer: Any) -> str:
-    """Numbers as ``normalise_number`` writes them ("19.0", "1,200" -> "19", "1200"), other text stripped."""
-    if isinstance(answer, numbers.Real) and not isinstance(answer, bool):
-        return normalise_number(str(answer)) if math.isfinite(answer) else str(answer)
-    text = str(answer).strip()
-    if ANY_NUMBER.fullmatch(text.rstrip(".")):  # "The answer is 19." style trailing full stop
-        return normalise_number(text.rstrip("."))
-    return text
+def final_answer(completion: str) -> str | None:
+    r"""The answer a completion gives: the last ``<answer>`` tag's content (or the ``\boxed{}``
+    inside it), else the last ``\boxed{}``, else ``extract_answer`` ("The answer is N", else
+    the last number); None when there is none."""
+    held = _held_answer(completion)
+    return held if held is not None else extract_answer(completion)
+
+
+# What follows the last "The answer is", up to the end of its sentence (a full stop before a space
+# or the end, not a decimal point) or line.
+ANSWER_IS_TEXT = re.compile(r"answer is\s*[:=]?\s*([^\n]+?)\s*(?:\.(?=\s|$)|\n|$)", re.IGNORECASE)
+
+
+def answer_text(completion: str) -> str | None:
+    r"""The text a completion gives as its answer, whatever it is (``\frac{1}{2}``, ``1/2``, ``x = 3``,
+    ``[1, 2)``): the tag or box ``final_answer`` reads, else all that follows the last "The answer
+    is"; None when it states none."""
+    held = _held_answer(completion)
+    if held is not None:
+        return held
+    stated = ANSWER_IS_TEXT.findall(completion)
+    return stated[-1].strip() if stated else None
 
 
 def math_answer(prompts: list[str], completions: list[str], answer: list, **_) -> list[float]:
-    """1.0 where the completion's ``final_answer`` equals the ground-truth ``answer`` column
-    (numerically when both are numbers, else as stripped text), else 0.0."""
-    return [
-        float(found is not None and _canonical(found) == _canonical(truth))
-        for found, truth in zip(map(final_answer, completions), answer)
-    ]
+    r"""1.0 where the completion answers the ground-truth ``answer`` column, else 0.0: plain numbers
+    compare as numbers (``final_answer``), LaTeX, fractions, expressions, sets, intervals and
+    equations by math-verify (``answer_text`` against the reference), short text answers as text
+    (polmctl/rollout/math_check.py)."""
+    return [float(same_answer(truth, final_answer(c), answer_text(c), c)) for c, truth in zip(completions, answer)]
 
 
 def format_reward(prompts: list[str], completions: list[str], **_) -> list[float]:
@@ -174,7 +187,7 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "length_penalty": length_penalty,
 }
 # Called once with the spec's build arguments; each returns a reward function.
-REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {"reward_model": reward_model}
+REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {"reward_model": reward_model, "prm": load_prm_scorer}
 SPEC_KEYS = ("name", "weight", "kwargs", "_target_")
 
 
@@ -212,24 +225,18 @@ def _build(name: str, factory: Callable, build_args: dict) -> RewardFn:
     return built
 
 
-def resolve_reward(spec: Any) -> tuple[str, RewardFn]:
+def resolve_reward(spec: Any, key: str = "method.rewards") -> tuple[str, RewardFn]:
     """``(name, reward function)`` for a registry name, or a mapping (dict or DictConfig) with
     ``name`` or ``_target_``, optional ``kwargs`` bound to every call, and build arguments for a
-    factory or class. ``weight`` is read by ``CombinedReward``, not here."""
+    factory or class. ``weight`` is read by ``CombinedReward``, not here. A ``_target_`` goes through
+    polmctl/targets.py's allow-list; ``key`` (e.g. method.rewards[1]) names the spec in its errors."""
     if isinstance(spec, str):
         spec = {"name": spec}
     spec = _as_dict(spec)
     build_args = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
     if "_target_" in spec:
-        from hydra.utils import get_object
-
         target = spec["_target_"]
-        try:
-            obj = get_object(target)
-        except Exception as err:  # hydra raises ImportError, or ValueError for a malformed path
-            raise ValueError(
-                f"reward _target_ {target!r} cannot be imported: {str(err).strip().splitlines()[0]}"
-            ) from None
+        obj = resolve_target(target, f"{key}._target_")
         name = spec.get("name") or target.rsplit(".", 1)[-1]
         if inspect.isclass(obj) or build_args:
             fn = _build(name, obj, build_args)
@@ -296,9 +303,9 @@ class CombinedReward:
         self.rewards = list(rewards)
 
     @classmethod
-    def from_specs(cls, specs: Sequence[Any]) -> CombinedReward:
-        """Resolve each spec with ``resolve_reward``; its ``weight`` defaults to 1."""
-        return cls([(*resolve_reward(spec), _weight(spec)) for spec in specs])
+    def from_specs(cls, specs: Sequence[Any], section: str = "method.rewards") -> CombinedReward:
+        """Resolve each spec with ``resolve_reward`` (errors name ``section[i]``); its ``weight`` defaults to 1."""
+        return cls([(*resolve_reward(spec, f"{section}[{i}]"), _weight(spec)) for i, spec in enumerate(specs)])
 
     def _values(self, name: str, fn: RewardFn, prompts, completions, columns: dict, batch_index: int) -> torch.Tensor:
         where = f"reward {name!r} on batch {batch_index}"

@@ -19,6 +19,7 @@ from polmctl.data import format_prompt
 from polmctl.data.prompts import prompt_of
 from polmctl.errors import ConfigError
 from polmctl.rollout.backends import TransformersBackend
+from polmctl.rollout.reward_data import PROMPT_COLUMNS
 from polmctl.rollout.rewards import CombinedReward
 
 GENERATION_BACKENDS = ("transformers", "vllm")
@@ -73,7 +74,7 @@ class ScoredSamplingOptions(SamplingOptions):
     rewards: List[Any] = option(
         ["math_answer"],
         "reward functions: registry names (math_answer, format, "
-        "length_penalty, reward_model) or {name|_target_, weight, ...} specs; "
+        "length_penalty, reward_model, prm) or {name|_target_, weight, ...} specs; "
         "their weighted sum is the reward",
     )
 
@@ -106,6 +107,6 @@ def sample_and_score(
     ids = backend.sample(model, tokenizer, prompts, samples_per_prompt, options)
     expanded = [r for r in rows for _ in range(samples_per_prompt)]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k not in ("prompt", "messages", "completion")}
+    columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k not in PROMPT_COLUMNS}
     total, parts = reward([prompt_of(r) for r in expanded], texts, columns, batch_index=batch_index)
     return ids, texts, total, parts

@@ -14,9 +14,10 @@ runner always writes (summary.json, final/, ...) plus ``.hydra/config.yaml`` and
 ``.hydra/overrides.yaml`` (what it was composed from, so ``polmctl eval <stage dir>`` works as
 for any run).
 
-A stage that fails stops the pipeline: summary.json gets status "failed" with every stage's
-state, ``<stage dir>/error.log`` the traceback, and the run ends with one line naming the stage
-and its run dir. ``resume=auto`` with the same run dir (``hydra.run.dir=<dir>`` or
+Each stage holds its own dir's lock while it runs (as any run holds its run dir, see
+``runners.common.held_run_dir``). A stage that fails stops the pipeline: summary.json gets status
+"failed" with every stage's state, ``<stage dir>/error.log`` the traceback, and the run ends with
+one line naming the stage and its run dir. ``resume=auto`` with the same run dir (``hydra.run.dir=<dir>`` or
 ``output_dir=<dir>``) skips the stages whose summary.json says completed, whatever their overrides
 say now (delete a stage's dir to run it again), up to the first unfinished one; that one runs with
 ``resume=auto``, so an interrupted training stage continues from its last checkpoint
@@ -49,6 +50,7 @@ from polmctl.engine.metrics import write_json
 from polmctl.engine.progress import summary_table
 from polmctl.errors import ConfigError, TrainingError
 from polmctl.methods.pipeline import PipelineMethod, outputs_of, override_key, stage_dir, stage_overrides
+from polmctl.runners.common import held_run_dir
 from polmctl.validate import require_method, runner_of
 
 # Pipeline-level keys a pipeline reads itself; any other command-line override would reach no stage.
@@ -146,10 +148,12 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         (planned.dir / "error.log").unlink(missing_ok=True)
         try:
             dcfg, run = _compose(planned, resume=resume_stage)
-            _write_hydra_files(planned, dcfg, resume_stage)
             from polmctl.runners import RUNNERS
 
-            result = RUNNERS[runner_of(run)](run)
+            # The stage holds its own dir (and its summary.json says how it ended), as a run of its own would.
+            with held_run_dir(planned.dir, f"stage {planned.name} of the pipeline in {run_dir}", record_hydra=False):
+                _write_hydra_files(planned, dcfg, resume_stage)
+                result = RUNNERS[runner_of(run)](run)
         except KeyboardInterrupt:
             _fail(summary, entry, run_dir, started, stage_started, "interrupted", "interrupted (KeyboardInterrupt)")
             raise

@@ -4,6 +4,8 @@ No training.
     polmctl run recipe=quantize                                  # SmolLM2, bitsandbytes nf4
     polmctl run recipe=quantize method.scheme=int8
     polmctl run recipe=quantize method.scheme=cpu_int8           # torchao int8 weights (pip install torchao)
+    polmctl run recipe=quantize method.scheme=cpu_int4           # torchao int4, CPU (models/replaced.py layout)
+    polmctl run recipe=quantize method.scheme=hqq                # HQQ 4-bit (pip install hqq)
     polmctl run recipe=quantize model.name_or_path=outputs/lora/...   # a run dir; a LoRA adapter is merged first
 
 Writes into the run dir: final/ (the quantized model; ``from_pretrained`` and ``polmctl eval
@@ -39,6 +41,7 @@ from polmctl.engine.metrics import peak_memory_mb
 from polmctl.errors import ConfigError, ModelError
 from polmctl.evals import evaluate_run
 from polmctl.models import is_reward_model, load_model, load_tokenizer, resolve_model_path, save_model
+from polmctl.models.replaced import is_replaced_dir
 from polmctl.runners.common import begin, finish
 
 
@@ -63,6 +66,12 @@ def _run(cfg: RunConfig, m, device: torch.device, run_dir: Path, started: float)
     tokenizer = load_tokenizer(cfg.model)
     path = resolve_model_path(name, cfg.model.cache_dir)
     _refuse_quantized(name, Q.dir_quantization(path))  # before loading a model that may need other libraries
+    if is_replaced_dir(path) and m.scheme not in Q.IN_PLACE_SCHEMES:
+        raise ConfigError(
+            "method.scheme",
+            f"{name} holds low-rank factors (polmctl's layout), which {m.scheme} cannot load through "
+            "from_pretrained; use method.scheme=hqq or cpu_int4, or save it with method.save_format=dense",
+        )
     dtype = Q.load_dtype(m, cfg.model.dtype, device)
     source = _plain_model(
         load_model(
@@ -184,18 +193,19 @@ def _refuse_quantized(name: str, quantization: str | None) -> None:
 
 
 def _plain_model(model, name: str):
-    """A full-precision causal LM: a reward model is refused, a LoRA adapter is merged into its base."""
+    """A full-precision causal LM: a reward model is refused, an adapter is merged into its base."""
     _refuse_quantized(name, Q.model_quantization(model))  # e.g. an adapter on a quantized base
     if is_reward_model(model):
         raise ConfigError("model.name_or_path", "holds a reward model (a score head, no LM head); quantize a causal LM")
     if hasattr(model, "merge_and_unload"):
-        peft_type = getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type)
-        if peft_type != "LORA":
+        config = model.active_peft_config
+        peft_type = getattr(config.peft_type, "value", config.peft_type)
+        if config.is_prompt_learning:
             raise ConfigError(
                 "model.name_or_path",
                 f"holds a {peft_type} adapter, which does not merge into the weights; quantize its base model instead",
             )
-        console.print("[bold]model[/] a LoRA adapter dir: the adapter is merged into the base weights first")
+        console.print(f"[bold]model[/] a {peft_type} adapter dir: the adapter is merged into the base weights first")
         model = model.merge_and_unload()
     return model
 
@@ -237,6 +247,6 @@ def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _device(cfg: RunConfig) -> str:
-    if cfg.method.scheme == "cpu_int8" and cfg.trainer.device == "auto":
-        return "cpu"  # the scheme is for CPU inference; on GPUs use int8 / nf4
+    if cfg.method.scheme in Q.CPU_SCHEMES and cfg.trainer.device == "auto":
+        return "cpu"  # the scheme is for CPU inference; on GPUs use int8 / nf4 / hqq
     return run_device(cfg.trainer)

@@ -3,8 +3,9 @@
     polmctl run recipe=lora                        # any offline recipe ends up here
     polmctl run recipe=sft model=tiny trainer=debug
 
-Writes into the run dir: metrics.jsonl, checkpoints/step-N/, final/, eval/*.jsonl,
-summary.json (final metrics, evaluation before/after, wall time, peak memory, tokens/s).
+Writes into the run dir: metrics.jsonl, checkpoints/step-N/ (each with run_config.yaml: a resume
+with another model, peft or method is refused), final/, eval/*.jsonl, summary.json (final
+metrics, evaluation before/after, wall time, peak memory, tokens/s).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from polmctl.engine.trainer import Trainer
 from polmctl.evals import evaluate_run
 from polmctl.methods.registry import build_objective
 from polmctl.models import apply_peft, cache_root, load_model, load_tokenizer, save_model, trainable_parameter_summary
-from polmctl.runners.common import eval_rows, finish
+from polmctl.models.peft_variants import step_hooks
+from polmctl.rollout.cache import generation_cache
+from polmctl.runners.common import check_resume, eval_rows, finish, run_record
 
 
 def run_train(cfg: RunConfig) -> dict[str, Any]:
@@ -39,6 +42,9 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     acc = make_accelerator(cfg.trainer, cfg.logger, run_dir)
     run_dir = Path(acc.project_dir)  # several processes: rank 0's run dir, on every rank
     resume = resolve_resume(cfg.resume, run_dir)
+    record = run_record(cfg, run_dir)  # kept in every checkpoint
+    if resume is not None:
+        check_resume(resume, cfg, run_dir)  # another model or peft shape: refused before anything loads
 
     # Data first: a bad file or column fails here, before any model weights load.
     tokenizer = load_tokenizer(cfg.model)
@@ -55,7 +61,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     model = load_model(
         cfg.model, device=acc.device, for_training=True, head=objective.model_head, pad_token_id=tokenizer.pad_token_id
     )
-    model = apply_peft(model, cfg.peft, tokenizer)
+    model = apply_peft(model, cfg.peft, tokenizer, examples=examples, total_steps=cfg.trainer.max_steps)
     # Modules that train beside the model (PPO's value head): attached, they are optimised,
     # checkpointed and resumed with it; the final model is saved without them.
     heads = objective.heads(model)
@@ -91,7 +97,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         progress=cfg.logger.progress,
         tokenizer=tokenizer,
         batches=batches,
-        after_step=[sparsity.apply] if sparsity else (),
+        after_step=([sparsity.apply] if sparsity else []) + step_hooks(model),  # + AdaLoRA's rank budget
+        record=record,
     )
     # Only the rows the run will visit: 60 steps over 2000 pairs need a quarter of them.
     used = trainer.batches.sampler.upcoming(cfg.trainer.max_steps * cfg.trainer.grad_accum) if batches is None else []
@@ -107,7 +114,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         console.print(note)
     if cfg.logger.trackers:
         acc.init_trackers(cfg.logger.project, config=_flat(asdict(cfg)))
-    fit = trainer.fit(resume)
+    with generation_cache(model, cfg.generation):  # rollouts sample with the run's KV cache
+        fit = trainer.fit(resume)
     model = acc.unwrap_model(trainer.model)
     if acc.is_main_process:
         save_model(

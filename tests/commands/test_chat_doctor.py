@@ -175,3 +175,24 @@ def test_doctor_exits_non_zero_on_real_problems(tmp_path, monkeypatch):
     ):
         assert needle in result.stderr
     assert "PROBLEM" in result.stdout
+
+
+@pytest.fixture()
+def checkpoint_dir(tmp_path, tiny_tokenizer):
+    """A run's checkpoints/step-N as the engine writes it: trained weights, tokenizer, no model config."""
+    import torch
+    from safetensors.torch import save_file
+
+    step = tmp_path / "run" / "checkpoints" / "step-4"
+    step.mkdir(parents=True)
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, str(step / "trainable.safetensors"))
+    tiny_tokenizer.save_pretrained(step)
+    return step
+
+
+def test_chat_on_a_checkpoint_points_to_export(checkpoint_dir):
+    result = polmctl("chat", str(checkpoint_dir), "--prompt", "hi")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.stderr.split())
+    assert f"{checkpoint_dir} is a training checkpoint" in message
+    assert f"polmctl export {checkpoint_dir} --out exported/step-4" in message

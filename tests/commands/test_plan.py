@@ -6,6 +6,7 @@ OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/commands/test_plan.py
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -109,3 +110,42 @@ def test_activation_estimate_is_close_to_what_autograd_saves(tiny_model):
     saved = sum(n for ptr, n in seen.items() if ptr not in weights)
     estimate = activation_bytes(tiny_model.config, rows, seq, 4, checkpointing=False, eager=False)
     assert 0.8 < estimate / saved < 1.25
+
+
+def test_plan_prints_the_length_that_keeps_most_rows_whole(tmp_path, capsys):
+    import json
+
+    rows = [
+        {"prompt": f"Problem {i}: simplify $\\frac{{{2 * i}}}{{{4 * i}}}$.", "completion": "Divide both by 2. " * i}
+        for i in range(1, 41)
+    ]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = make_plan(["recipe=sft", "model=tiny", f"data.source={path}", "data.max_length=200"])
+    data = result["data"]
+    assert data["truncated"] > 2 and data["whole_length"] > 200
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="builtin:tiny"))
+    _, stats = encode_dataset(rows, tokenizer, source=str(path), max_length=200)
+    assert data["whole_length"] == stats.whole_length()
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"data.max_length={data['whole_length']} keeps 95% of rows whole" in err
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(plan_module.plan_table(result))
+    assert re.search(rf"keeps 95% of rows whole +│ data\.max_length={data['whole_length']} ", console.export_text())
+
+
+def test_plan_fails_when_the_data_lacks_a_reward_column(tmp_path):
+    """GRPO on prompts without the answer column math_answer reads: plan stops, no FITS."""
+    import json
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = polmctl("plan", "recipe=grpo", "model=tiny", f"data.source={path}")
+    assert result.returncode != 0 and "FITS" not in result.stdout and "Traceback" not in result.stderr
+    assert (
+        "reward 'math_answer' (method.rewards[0]) reads the column 'answer', which the data lacks (columns: solution)"
+        in " ".join(result.stderr.split())
+    )

@@ -93,6 +93,9 @@ def test_default_sizes():
         "arithmetic_feedback": (2000, 200),
         "reversal": (2000, 200),
         "shapes": (2000, 200),
+        "facts": (159, 26),  # every fact once, one wording each
+        "arithmetic_steps": (2000, 200),
+        "arithmetic_step_pairs": (2000, 200),
     }
 
 

@@ -97,3 +97,25 @@ def test_arithmetic_feedback_labels_match_the_answers():
     assert 0.3 < sum(r["label"] for r in rows) / len(rows) < 0.7
     for row in rows:
         assert (extract_answer(row["completion"]) == row["answer"]) == row["label"]
+
+
+def test_cut_answers_are_counted_apart_and_warn(tiny_tokenizer, capsys):
+    """Preference pairs of worked solutions: chosen and rejected each count as an answer."""
+    rows = [
+        {
+            "prompt": f"Compute ${i} \\cdot 12$.",
+            "chosen": f"We have ${i} \\cdot 12 = {i} \\cdot 10 + {i} \\cdot 2 = {10 * i} + {2 * i}$. " * 3
+            + f"The answer is {12 * i}.",
+            "rejected": f"The answer is {12 * i + 1}.",
+        }
+        for i in range(1, 11)
+    ]
+    _, stats = encode_preference_dataset(rows, tiny_tokenizer, source="prefs.jsonl", max_length=120)
+    assert (stats.answers, stats.answers_cut, stats.truncated) == (20, 10, 10)  # every chosen, no rejected
+    keep = stats.whole_length()
+    assert keep == max(stats.lengths)  # 10 rows: 95% of them is all of them
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: 10 of 20 prefs.jsonl answers (50%) are longer than data.max_length=120" in err
+    assert f"data.max_length={keep} keeps 95% of rows whole" in err
+    _, whole = encode_preference_dataset(rows, tiny_tokenizer, source="prefs.jsonl", max_length=keep)
+    assert whole.answers_cut == 0 and capsys.readouterr().err == ""

@@ -186,3 +186,44 @@ def test_preference_rows_are_not_a_token_level_format(tiny_tokenizer):
 def test_unknown_overlong_policy(tiny_tokenizer):
     with pytest.raises(DataError, match="data.overlong='cut'"):
         encode(ROWS[0], tiny_tokenizer, overlong="cut")
+
+
+# Worked solutions of competition problems: most run past a short max_length, cutting off the final answer.
+SOLUTIONS = [
+    {
+        "prompt": f"Problem {i}: find the sum of the roots of $x^2 - {i + 3}x + {i} = 0$.",
+        "completion": (
+            f"By Vieta's formulas the sum of the roots of $ax^2 + bx + c$ is $-b/a$. Here $a = 1$ and "
+            f"$b = -{i + 3}$, so the sum is ${i + 3}$. " * (1 + i % 3) + f"The answer is $\\boxed{{{i + 3}}}$."
+        ),
+    }
+    for i in range(20)
+]
+
+
+def test_cut_answers_warn_with_the_length_that_keeps_most_rows_whole(tiny_tokenizer, capsys):
+    _, stats = encode_dataset(SOLUTIONS, tiny_tokenizer, source="math.jsonl", max_length=256)
+    err = " ".join(capsys.readouterr().err.split())
+    assert stats.over_length == stats.truncated > 0.05 * stats.rows
+    keep = stats.whole_length()
+    assert (
+        f"warning: {stats.truncated} of 20 math.jsonl rows ({100 * stats.truncated / 20:.0f}%) are longer than "
+        f"data.max_length=256 and lose their last tokens, so training sees them without their endings; "
+        f"data.max_length={keep} keeps 95% of rows whole" in err
+    )
+    # That length is the smallest one at which at most 5% of the rows are cut.
+    assert sum(n > keep for n in stats.lengths) <= 1 and sum(n > keep - 1 for n in stats.lengths) > 1
+    _, whole = encode_dataset(SOLUTIONS, tiny_tokenizer, source="math.jsonl", max_length=keep)
+    assert whole.truncated <= 1 and "warning" not in capsys.readouterr().err
+
+
+def test_dropped_rows_warn_too(tiny_tokenizer, capsys):
+    _, stats = encode_dataset(SOLUTIONS, tiny_tokenizer, source="s", max_length=256, overlong="drop")
+    assert stats.dropped == stats.over_length > 0
+    assert "are dropped (data.overlong=drop)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_few_long_rows_do_not_warn(tiny_tokenizer, capsys):
+    rows = [{"prompt": "2+2?", "completion": "4"}] * 40 + SOLUTIONS[:2]  # 2 of 42: under 5%
+    _, stats = encode_dataset(rows, tiny_tokenizer, source="s", max_length=100)
+    assert stats.truncated == 2 and capsys.readouterr().err == ""

@@ -87,7 +87,7 @@ def test_config_accepts_lm_eval_tasks_and_checks_them(monkeypatch):
     with pytest.raises(ConfigError, match=r"eval.tasks\[0\]: 'lm_eval:' names no task"):
         compose_validated(["model=tiny", "eval.tasks=[lm_eval:]"])
     with pytest.raises(ConfigError, match="cannot evaluate a reward model"):
-        check_tasks_fit(["lm_eval:hellaswag"], True, "a reward model")
+        check_tasks_fit(["lm_eval:hellaswag"], "reward", "a reward model")
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else object())

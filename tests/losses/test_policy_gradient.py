@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from polmctl.losses.policy_gradient import (
+    batch_whiten,
     clipped_policy_loss,
     clipped_value_loss,
     gae,
     group_advantages,
     informative_groups,
+    k1_kl,
     k3_kl,
+    kl_shaped_returns,
     policy_loss_weight,
     whiten,
     zero_variance_fraction,
@@ -408,3 +411,181 @@ def test_the_sequence_level_loss_matches_trls_rloo_formula():
     coef = torch.exp((logps * mask).sum(1) - (old * mask).sum(1))
     trl = (-torch.min(coef * advantages, coef.clamp(0.8, 1.28) * advantages)).mean()
     torch.testing.assert_close(ours / weight, trl)
+
+
+# -- GSPO, CISPO, REINFORCE++ --------------------------------------------------------------
+# Two completions of 3 and 2 tokens (row 1's third position is padding holding 0.9); old policy
+# 0.5 on every token; A = +1, -1. Token ratios [[1.5, 1, 0.5], [0.5, 1]].
+AFTER_GRPO_MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+AFTER_GRPO_OLD = torch.log(torch.full((2, 3), 0.5))
+AFTER_GRPO_A = t(1, -1)
+
+
+def after_grpo_logps() -> torch.Tensor:
+    return torch.log(torch.tensor([[0.75, 0.5, 0.25], [0.25, 0.5, 0.9]])).requires_grad_()
+
+
+def test_gspo_ratio_is_the_length_normalised_sequence_ratio():
+    """GSPO (Zheng et al., 2025): s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|), mean_i -min(s_i A_i, clip(s_i) A_i)."""
+    s1, s2 = 0.75 ** (1 / 3), 0.5 ** (1 / 2)  # 0.908560 (inside [0.8, 1.2]) and 0.707107 (below 0.8, A < 0: clipped)
+    logps = after_grpo_logps()
+    loss_sum, weight, metrics = clipped_policy_loss(
+        logps,
+        AFTER_GRPO_OLD,
+        AFTER_GRPO_A,
+        AFTER_GRPO_MASK,
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        loss_type="dapo",  # not used: one loss per completion
+        importance_level="sequence_mean",
+    )
+    assert weight == 2 == policy_loss_weight(AFTER_GRPO_MASK, "dapo", "sequence_mean")
+    close(loss_sum / weight, (-s1 + 0.8) / 2)  # -0.054280
+    (loss_sum / weight).backward()
+    # d/dlogp_t of -s1 A / 2 = -s1 / (3 * 2) on each of row 0's tokens; row 1 sits in the clip: no gradient.
+    close(logps.grad, [[-s1 / 6] * 3, [0.0, 0.0, 0.0]])
+    close(-s1 / 6, -0.151427)
+    assert mean_of(metrics["clip_ratio/low"]) == pytest.approx(2 / 5)  # row 1's two tokens
+    assert mean_of(metrics["ratio"]) == pytest.approx((3 * s1 + 2 * s2) / 5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_gspo_matches_trls_sequence_importance_sampling(beta):
+    torch.manual_seed(1)
+    logps, old, ref = -torch.rand(4, 6), -torch.rand(4, 6), -torch.rand(4, 6)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:], mask[3, 2:] = 0, 0
+    advantages = torch.randn(4)
+    ours, weight, _ = clipped_policy_loss(
+        logps,
+        old,
+        advantages,
+        mask,
+        epsilon_low=3e-2,
+        epsilon_high=4e-2,
+        loss_type="grpo",
+        importance_level="sequence_mean",
+        ref_logps=ref,
+        beta=beta,
+    )
+    # trl/trainer/grpo_trainer.py (1.16) _compute_loss, importance_sampling_level="sequence", loss_type="grpo",
+    # use_bias_correction_kl=False: log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1),
+    # per_token_loss = -min(coef_1 A, clamp(coef_1, 1 - eps_low, 1 + eps_high) A) + beta k3,
+    # loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean().
+    m = mask.float()
+    coef_1 = torch.exp(((logps - old) * m).sum(-1) / m.sum(-1).clamp(min=1)).unsqueeze(-1)
+    a = advantages.unsqueeze(1)
+    per_token = -torch.min(coef_1 * a, coef_1.clamp(1 - 3e-2, 1 + 4e-2) * a)
+    per_token = per_token + beta * (torch.exp(ref - logps) - (ref - logps) - 1)
+    trl = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    torch.testing.assert_close(ours / weight, trl)
+
+
+def test_cispo_weights_every_tokens_log_prob_by_its_capped_ratio():
+    """CISPO (MiniMax-M1): l_t = -sg(min(rho_t, 1 + eps_high)) A log pi_t, summed over tokens / tokens."""
+    logps = after_grpo_logps()
+    loss_sum, weight, _ = clipped_policy_loss(
+        logps, AFTER_GRPO_OLD, AFTER_GRPO_A, AFTER_GRPO_MASK, epsilon_low=0.2, epsilon_high=4.0, loss_type="cispo"
+    )
+    assert weight == 5  # tokens
+    # -(1/5) [1.5 ln 0.75 + ln 0.5 + 0.5 ln 0.25 - 0.5 ln 0.25 - ln 0.5] = -(1.5 ln 0.75) / 5
+    close(loss_sum / weight, -1.5 * math.log(0.75) / 5)
+    close(loss_sum / weight, 0.086305)
+    (loss_sum / weight).backward()
+    # -w A / 5 on every real token, even those a PPO clip would drop (ratio 1.5 with A > 0)
+    close(logps.grad, [[-0.3, -0.2, -0.1], [0.1, 0.2, 0.0]])
+
+
+def test_cispo_caps_the_weight_at_one_plus_epsilon_high_and_still_passes_the_gradient():
+    logps = torch.log(t(3.0, 1.5)).unsqueeze(1).requires_grad_()  # ratios 3 and 1.5 (old = 0)
+    loss_sum, _, metrics = clipped_policy_loss(
+        logps, torch.zeros(2, 1), t(2, -1), torch.ones(2, 1), epsilon_low=0.2, epsilon_high=0.2, loss_type="cispo"
+    )
+    loss_sum.backward()
+    close(logps.grad, [[-1.2 * 2], [1.2 * 1]])  # both capped at 1.2, neither dropped
+    assert mean_of(metrics["clip_ratio/high"]) == pytest.approx(1 / 2)  # capped with A > 0 (TRL's cispo_clip_ratio)
+    assert mean_of(metrics["clip_ratio/low"]) == 0.0
+
+
+def test_cispo_matches_trls_loss_type_cispo():
+    torch.manual_seed(2)
+    logps = (-torch.rand(4, 6) * 3).requires_grad_()
+    old = logps.detach() + 0.5 * torch.randn(4, 6)  # ratios from ~0.2 to ~5: some past the cap
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[0, 3:], mask[2, 5:] = 0, 0
+    advantages = torch.randn(4)
+    ours, weight, _ = clipped_policy_loss(
+        logps, old, advantages, mask, epsilon_low=0.2, epsilon_high=1.5, loss_type="cispo"
+    )
+    # trl/trainer/grpo_trainer.py (1.16) _compute_loss, loss_type="cispo", epsilon_high=2.5 (its cap, ours 1 + 1.5):
+    # clamped_ratios = torch.clamp(coef_1, max=epsilon_high).detach(); per_token_loss = -clamped_ratios * A * logp;
+    # loss = (per_token_loss * mask).sum() / num_items_in_batch (the completion tokens; one process, one step).
+    coef_1 = torch.exp(logps.detach() - old)
+    trl_per_token = -coef_1.clamp(max=2.5) * advantages.unsqueeze(1) * logps
+    trl = (trl_per_token * mask).sum() / mask.sum()
+    torch.testing.assert_close(ours / weight, trl)
+    (ours_grad,) = torch.autograd.grad(ours / weight, logps)
+    (trl_grad,) = torch.autograd.grad(trl, logps)
+    torch.testing.assert_close(ours_grad, trl_grad)
+
+
+def test_cispo_refuses_a_sequence_ratio():
+    with pytest.raises(ValueError, match="importance_level must be 'token'"):
+        policy_loss_weight(AFTER_GRPO_MASK, "cispo", "sequence_mean")
+
+
+def test_no_baseline_keeps_the_rewards_and_refuses_std_scaling():
+    close(group_advantages(t(1, 1, 0, 0.5), 2, scale="none", baseline="none"), [1, 1, 0, 0.5])  # equal group kept
+    with pytest.raises(ValueError, match="needs a baseline"):
+        group_advantages(t(1, 0), 2, baseline="none")
+
+
+# OpenRLHF's REINFORCE++ on one example (/tmp/refs/ex_reinforce.py, commit 3c3be62's code): rollout
+# policy 0.5 on every token, reference [[0.25, 0.5, 1], [0.5, 1, pad]], rewards 1 and 0, kl coef 0.1.
+REINFORCE_MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+REINFORCE_OLD = torch.log(torch.full((2, 3), 0.5))
+REINFORCE_REF = torch.log(torch.tensor([[0.25, 0.5, 1.0], [0.5, 1.0, 0.5]]))
+
+
+def test_k1_is_the_log_ratio_clamped_and_zero_on_padding():
+    ln2 = math.log(2)
+    close(k1_kl(REINFORCE_OLD, REINFORCE_REF, REINFORCE_MASK), [[ln2, 0.0, -ln2], [0.0, -ln2, 0.0]])
+    inf_pad = torch.tensor([[-1.0, -math.inf]])
+    close(k1_kl(inf_pad, torch.tensor([[-13.0, -math.inf]]), torch.tensor([[1, 0]])), [[10.0, 0.0]])  # 12 -> 10
+
+
+def test_reinforce_pp_returns_fold_the_future_kl_into_the_reward():
+    kl = k1_kl(REINFORCE_OLD, REINFORCE_REF, REINFORCE_MASK)
+    returns = kl_shaped_returns(t(1, 0), kl, REINFORCE_MASK, coef=0.1)
+    # Row 0: per-token rewards [-0.1 ln2, 0, 0.1 ln2 + 1]; returns to go: [1, 1 + 0.1 ln2, 1 + 0.1 ln2].
+    # Row 1: [0, 0.1 ln2]; returns [0.1 ln2, 0.1 ln2]; padding 0.
+    d = 0.1 * math.log(2)
+    close(returns, [[1.0, 1 + d, 1 + d], [d, d, 0.0]])
+    close(returns, [[1.0, 1.069315, 1.069315], [0.069315, 0.069315, 0.0]])  # OpenRLHF's numbers
+
+
+def test_batch_whitening_uses_one_population_mean_and_variance_over_all_tokens():
+    kl = k1_kl(REINFORCE_OLD, REINFORCE_REF, REINFORCE_MASK)
+    returns = kl_shaped_returns(t(1, 0), kl, REINFORCE_MASK, coef=0.1)
+    (whitened,) = batch_whiten([returns], [REINFORCE_MASK])
+    d = 0.1 * math.log(2)
+    tokens = [1.0, 1 + d, 1 + d, d, d]
+    mean = sum(tokens) / 5
+    std = math.sqrt(sum((x - mean) ** 2 for x in tokens) / 5)  # population variance, as OpenRLHF
+    close(whitened, [[(x - mean) / std for x in tokens[:3]], [(tokens[3] - mean) / std] * 2 + [0.0]])
+    close(whitened[:, :2], [[0.718936, 0.863568], [-1.223036, -1.223036]])  # OpenRLHF's numbers (its pad: ignored)
+
+
+def test_batch_whitening_weighs_a_completion_by_its_tokens_across_micro_batches():
+    # REINFORCE++-baseline (OpenRLHF reinforce_baseline): rewards [1, 0, 1, 1] in groups of 2, minus the
+    # group mean -> [0.5, -0.5, 0, 0]; two tokens each: mean 0, population std 0.5 / sqrt(2) -> +-sqrt(2), 0.
+    centred = group_advantages(t(1, 0, 1, 1), 2, scale="none")
+    two_tokens = torch.ones(2, 2, dtype=torch.long)
+    first, second = batch_whiten([centred[:2], centred[2:]], [two_tokens, two_tokens])
+    close(torch.cat([first, second]), [math.sqrt(2), -math.sqrt(2), 0.0, 0.0])
+    # One advantage per completion counts once per token: [B] and its [B, T] expansion agree.
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    (per_row,) = batch_whiten([t(2.0, -1.0)], [mask])
+    (per_token,) = batch_whiten([t(2.0, -1.0).unsqueeze(1) * mask], [mask])
+    close(per_token, (per_row.unsqueeze(1) * mask).tolist())
+    close(per_row, [1 / math.sqrt(3), -math.sqrt(3)])  # tokens [2, 2, 2, -1]: mean 1.25, std sqrt(27/16)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from polmctl.losses.preference import cpo_loss, dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
 from tests.losses.formulas import close, grads, sigmoid, softplus, t
@@ -190,3 +191,96 @@ def test_kto_kl_estimate_is_the_mean_clamped_at_zero_and_detached():
     torch.testing.assert_close(kl, torch.tensor(0.75))
     assert not kl.requires_grad
     assert kto_kl_estimate(policy, t(-1.0, -2.0)).item() == 0.0  # mean(-2, -3) < 0
+
+
+# -- more pairwise losses (TRL 1.16 DPOTrainer._compute_loss's loss_type values) ----------------
+# chosen -10 (reference -12): h_w = 2; rejected -15 (reference -13): h_l = -2; beta 0.1, so r_w = 0.2, r_l = -0.2.
+MORE = {"policy_chosen": t(-10.0), "policy_rejected": t(-15.0), "ref_chosen": t(-12.0), "ref_rejected": t(-13.0)}
+
+
+@pytest.mark.parametrize(
+    "loss_type, smoothing, by_formula, by_hand",
+    [
+        # BCO without its running shift: -logsig(r_w) - logsig(-r_l)
+        ("bco_pair", 0.0, 2 * softplus(-0.2), 1.196278),
+        # APO-zero (eq. 7): 1 - sig(r_w) + sig(r_l)
+        ("apo_zero", 0.0, 1 - sigmoid(0.2) + sigmoid(-0.2), 0.900332),
+        # APO-down (eq. 8): sig(r_w) + 1 - sig(r_w - r_l)
+        ("apo_down", 0.0, sigmoid(0.2) + 1 - sigmoid(0.4), 0.951146),
+        # EXO-pref (eq. 16), epsilon 1e-3: q log(q / (1 - e)) + (1 - q) log((1 - q) / e), q = sig(beta h) = sig(0.4)
+        (
+            "exo_pair",
+            1e-3,
+            sigmoid(0.4) * math.log(sigmoid(0.4) / 0.999) + sigmoid(-0.4) * math.log(sigmoid(-0.4) / 1e-3),
+            2.099226,
+        ),
+        # NCA: -logsig(r_w) - logsig(-r_w) / 2 - logsig(-r_l) / 2
+        ("nca_pair", 0.0, softplus(-0.2) + softplus(0.2) / 2 + softplus(-0.2) / 2, 1.296278),
+        # SPPO hard (eq. 4.7, P = 1 for the winner, 0 for the loser): (h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2
+        ("sppo_hard", 0.0, (2 - 5) ** 2 + (-2 + 5) ** 2, 18.0),
+    ],
+)
+def test_more_pairwise_losses_match_their_papers_formulas(loss_type, smoothing, by_formula, by_hand):
+    losses, m = dpo_loss(**MORE, beta=0.1, loss_type=loss_type, label_smoothing=smoothing)
+    close(losses, [by_formula])
+    close(losses, [by_hand])  # the worked values of the reference notes (/tmp/refs/ex_dpo.py)
+    close(m["rewards/chosen"], [0.2])
+    close(m["rewards/rejected"], [-0.2])
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_more_pairwise_losses_at_policy_equal_to_reference(beta):
+    logps = t(-3.0, -17.5)
+    expected = {
+        "bco_pair": 2 * math.log(2),
+        "apo_zero": 1.0,
+        "apo_down": 1.0,
+        "exo_pair": 0.5 * math.log(0.5 / (1 - 1e-3)) + 0.5 * math.log(0.5 / 1e-3),
+        "nca_pair": 2 * math.log(2),
+        "sppo_hard": 2 / (2 * beta) ** 2,
+    }
+    for loss_type, value in expected.items():
+        losses, _ = dpo_loss(logps, logps - 1, logps, logps - 1, beta=beta, loss_type=loss_type, label_smoothing=1e-3)
+        close(losses, [value] * 2)
+
+
+def test_more_pairwise_losses_match_trls_compute_loss():
+    torch.manual_seed(0)
+    pc, pr, rc, rr = (-torch.rand(6) * 20 for _ in range(4))
+    beta, eps = 0.3, 0.01
+    # trl/trainer/dpo_trainer.py (1.16) DPOTrainer._compute_loss, f_divergence_type="reverse_kl":
+    cl, rl = pc - rc, pr - rr  # chosen_logratios, rejected_logratios
+    delta = cl - rl  # delta_score
+    epsilon = torch.tensor(eps)
+    trl = {
+        "bco_pair": -F.logsigmoid(beta * cl) - F.logsigmoid(-(beta * rl)),
+        "apo_zero": (1 - torch.sigmoid(beta * cl)) + torch.sigmoid(beta * rl),
+        "apo_down": torch.sigmoid(beta * cl) + (1 - torch.sigmoid(beta * (cl - rl))),
+        "exo_pair": torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - torch.log1p(-epsilon))
+        + torch.sigmoid(-beta * delta) * (F.logsigmoid(-beta * delta) - torch.log(epsilon)),
+        "nca_pair": -F.logsigmoid(beta * cl) - 0.5 * F.logsigmoid(-(beta * cl)) - 0.5 * F.logsigmoid(-(beta * rl)),
+        "sppo_hard": (cl - 0.5 / beta) ** 2 + (rl + 0.5 / beta) ** 2,
+    }
+    for loss_type, expected in trl.items():
+        ours, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps)
+        torch.testing.assert_close(ours, expected, msg=loss_type)
+
+
+@pytest.mark.parametrize("loss_type", ["bco_pair", "apo_zero", "exo_pair", "nca_pair", "sppo_hard", "apo_down"])
+def test_more_pairwise_losses_lower_the_rejected_answer_from_the_start(loss_type):
+    ref_c, ref_r = t(-10, -7), t(-12, -6)
+
+    def loss(c, r):
+        return dpo_loss(c, r, ref_c, ref_r, beta=BETA, loss_type=loss_type, label_smoothing=1e-3)
+
+    d_chosen, d_rejected = grads(loss, ref_c, ref_r)
+    assert (d_rejected > 0).all()
+    if loss_type == "apo_down":  # APO-down lowers both answers, the rejected more: flat in chosen at the start
+        close(d_chosen, [0.0, 0.0])
+    else:
+        assert (d_chosen < 0).all()
+
+
+def test_exo_pair_needs_a_positive_epsilon():
+    with pytest.raises(ValueError, match="exo_pair needs 0 < label_smoothing"):
+        dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type="exo_pair")

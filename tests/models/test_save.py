@@ -100,6 +100,6 @@ def test_a_failed_save_leaves_the_existing_dir_and_no_temp_dir(tmp_path):
 
 def test_prompt_learning_adapters_do_not_merge(tmp_path):
     model, tok = trained("prefix_tuning")
-    with pytest.raises(ModelError, match="only lora and dora merge"):
+    with pytest.raises(ModelError, match="virtual tokens are not a weight update"):
         save_model(model, tok, tmp_path / "final", merge_adapters=True)
     assert not (tmp_path / "final").exists()

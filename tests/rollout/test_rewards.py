@@ -154,7 +154,7 @@ def test_resolution_errors_say_what_to_do():
     with pytest.raises(
         ValueError,
         match=r"unknown reward 'acuracy'; known rewards: format, length_penalty, "
-        r"math_answer, reward_model; .*_target_: package.module.function",
+        r"math_answer, prm, reward_model; .*_target_: package.module.function",
     ):
         resolve_reward("acuracy")
     with pytest.raises(ValueError, match=r"'length_penalty' takes no build arguments \(target\); .*under kwargs:"):
@@ -165,8 +165,8 @@ def test_resolution_errors_say_what_to_do():
         r"under kwargs:",
     ):
         resolve_reward({"_target_": "polmctl.rollout.rewards.length_penalty", "target": 100})
-    with pytest.raises(ValueError, match=r"_target_ 'no_such_pkg.fn' cannot be imported"):
-        resolve_reward({"_target_": "no_such_pkg.fn"})
+    with pytest.raises(ValueError, match=r"_target_: 'polmctl.no_such_module.fn' cannot be imported"):
+        resolve_reward({"_target_": "polmctl.no_such_module.fn"})
     with pytest.raises(ValueError, match="needs name or _target_"):
         resolve_reward({"weight": 1})
     with pytest.raises(ValueError, match="registry name or a mapping"):

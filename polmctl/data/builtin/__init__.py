@@ -12,10 +12,12 @@ from typing import Callable
 from polmctl.data.builtin.answers import extract_answer
 from polmctl.data.builtin.arithmetic import arithmetic
 from polmctl.data.builtin.domain_text import domain_text
+from polmctl.data.builtin.facts import facts
 from polmctl.data.builtin.instructions import instructions
 from polmctl.data.builtin.preference import arithmetic_feedback, arithmetic_preference, style_preference
 from polmctl.data.builtin.reversal import reversal
 from polmctl.data.builtin.shapes import shapes
+from polmctl.data.builtin.steps import arithmetic_step_pairs, arithmetic_steps
 
 BUILTIN_SOURCES: dict[str, Callable[..., list[dict]]] = {
     "arithmetic": arithmetic,
@@ -26,6 +28,9 @@ BUILTIN_SOURCES: dict[str, Callable[..., list[dict]]] = {
     "arithmetic_feedback": arithmetic_feedback,
     "shapes": shapes,
     "reversal": reversal,
+    "facts": facts,
+    "arithmetic_steps": arithmetic_steps,
+    "arithmetic_step_pairs": arithmetic_step_pairs,
 }
 
 __all__ = ["BUILTIN_SOURCES", "extract_answer"]
