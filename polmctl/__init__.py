@@ -9,3 +9,11 @@ import logging
 logging.getLogger("torch.utils._pytree").addFilter(
     lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage()
 )
+
+# Two more lines every command printed first on some CPUs, about optional native kernels polmctl does not use:
+# torchao's CUDA-only extension files (its CPU paths work without them), and bitsandbytes' faster CPU 4-bit
+# kernel, which it would fetch from the model hub (unreachable here; the plain CPU kernel is used instead).
+logging.getLogger("torchao").addFilter(lambda record: not record.getMessage().startswith("Failed to load "))
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
+)

@@ -22,11 +22,13 @@ from rich.markup import escape
 
 from polmctl.config.schema import RunConfig
 from polmctl.console import console
+from polmctl.data import encode_dataset, load_rows, pad_collate
 from polmctl.engine.checkpoint import newest_checkpoint
 from polmctl.engine.metrics import write_json
 from polmctl.engine.progress import summary_table
 from polmctl.engine.rundir import RunDirBusy, RunDirLock, RunRefused, recorded_files, restore_files
-from polmctl.errors import ConfigError
+from polmctl.errors import ConfigError, ModelError
+from polmctl.models.load import head_of
 from polmctl.validate import require_method
 
 # What a checkpoint's weights were trained as: resuming with another value of these is refused.
@@ -203,4 +205,55 @@ def check_resume(ckpt: Path, cfg: RunConfig, run_dir: Path) -> None:
     raise RunRefused(
         f"resume={cfg.resume}: {ckpt} was trained with {', '.join(diffs)}; resume with the checkpoint's values "
         f"(its run_config.yaml) or start a new run without resume{note}"
+    )
+
+
+def plain_causal_lm(model, verb: str, error: type[Exception] = ModelError):
+    """The causal LM a one-shot runner works on: a reward model or a process reward model (a score head,
+    no LM head) is refused, a LoRA-style adapter dir is merged into its base first, a prompt-learning
+    adapter (nothing to merge) is refused. ``verb`` says what the runner does ("prune", "quantize", ...)."""
+    head = head_of(model)
+    if head != "causal_lm":
+        what = "a reward model" if head == "reward" else "a process reward model"
+        raise error(f"model.name_or_path holds {what} (a score head, no LM head); {verb} a causal LM")
+    if hasattr(model, "merge_and_unload"):
+        config = model.active_peft_config
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        if config.is_prompt_learning:
+            raise error(
+                f"model.name_or_path holds a {kind} adapter, which does not merge into the weights; "
+                f"{verb} its base model instead"
+            )
+        console.print(f"[bold]model[/] a {kind} adapter dir: the adapter is merged into the base weights first")
+        model = model.merge_and_unload()
+    return model
+
+
+def calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
+    """``method.calibration_rows`` rows of the run's data, every token labelled, in padded batches of
+    ``method.calibration_batch_size`` (preference rows calibrate on prompt + chosen answer); and their count."""
+    m = cfg.method
+    rows = load_rows(
+        cfg.data.source,
+        cfg.data.split,
+        max_rows=m.calibration_rows,
+        options=dict(cfg.data.options) or None,
+        hub_config=cfg.data.hub_config,
+    )
+    rows = [
+        {"prompt": r["prompt"], "completion": r["chosen"]} if "chosen" in r and "completion" not in r else r
+        for r in rows
+    ]
+    examples, _ = encode_dataset(
+        rows,
+        tokenizer,
+        source=cfg.data.source,
+        fmt=cfg.data.format,
+        max_length=cfg.data.max_length,
+        completion_only_loss=False,
+        overlong="truncate",
+    )
+    size = m.calibration_batch_size
+    return [pad_collate(examples[i : i + size], tokenizer.pad_token_id) for i in range(0, len(examples), size)], len(
+        examples
     )

@@ -23,7 +23,7 @@ import torch
 
 from polmctl.config.schema import RunConfig
 from polmctl.console import console
-from polmctl.data import encode_dataset, load_rows, pad_collate
+from polmctl.data import load_rows
 from polmctl.data.sources import FILE_TYPES
 from polmctl.editing import evaluate as E
 from polmctl.editing.facts import known
@@ -44,7 +44,7 @@ from polmctl.errors import ConfigError, DataError, ModelError
 from polmctl.evals import evaluate_run
 from polmctl.evals.perplexity import perplexity
 from polmctl.models import is_reward_model, load_model, load_tokenizer, save_model
-from polmctl.runners.common import begin, eval_rows, finish
+from polmctl.runners.common import begin, calibration_batches, eval_rows, finish
 
 
 def run_edit(cfg: RunConfig) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def run_edit(cfg: RunConfig) -> dict[str, Any]:
     # Requests and data first: a bad row or column fails here, before any weights load.
     requests = load_requests(m.requests, m.requests_split, seed=cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    batches, cal_rows = _calibration_batches(cfg, tokenizer)
+    batches, cal_rows = calibration_batches(cfg, tokenizer)
     fluency_source, fluency_rows = _fluency_rows(cfg)
     model = load_model(
         cfg.model, device=run_device(cfg.trainer), for_training=False, pad_token_id=tokenizer.pad_token_id
@@ -184,31 +184,6 @@ def _check_model(model, name: str) -> None:
             f"{name} holds a peft adapter; merge it first (polmctl export {name} --merge-adapters --out merged) "
             "and edit the merged model"
         )
-
-
-def _calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
-    """``method.calibration_rows`` rows of the run's data, every token kept, in padded batches."""
-    m = cfg.method
-    rows = load_rows(
-        cfg.data.source,
-        cfg.data.split,
-        max_rows=m.calibration_rows,
-        options=dict(cfg.data.options) or None,
-        hub_config=cfg.data.hub_config,
-    )
-    examples, _ = encode_dataset(
-        rows,
-        tokenizer,
-        source=cfg.data.source,
-        fmt=cfg.data.format,
-        max_length=cfg.data.max_length,
-        completion_only_loss=False,
-        overlong="truncate",
-    )
-    bs = m.calibration_batch_size
-    return [pad_collate(examples[i : i + bs], tokenizer.pad_token_id) for i in range(0, len(examples), bs)], len(
-        examples
-    )
 
 
 def _fluency_rows(cfg: RunConfig) -> tuple[str, list[dict]]:

@@ -22,11 +22,9 @@ from polmctl.config.schema import ModelConfig, RunConfig
 from polmctl.console import console
 from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb
-from polmctl.errors import ModelError
 from polmctl.evals import evaluate_run
-from polmctl.models import is_reward_model, load_model, load_tokenizer, save_model
-from polmctl.runners.common import begin, eval_rows, finish
-from polmctl.runners.prune import _calibration_batches
+from polmctl.models import load_model, load_tokenizer, save_model
+from polmctl.runners.common import begin, calibration_batches, eval_rows, finish, plain_causal_lm
 
 
 def run_lowrank(cfg: RunConfig) -> dict[str, Any]:
@@ -41,8 +39,10 @@ def run_lowrank(cfg: RunConfig) -> dict[str, Any]:
     device = run_device(cfg.trainer)
     # Data first: a bad file or column fails here, before any model weights load.
     tokenizer = load_tokenizer(cfg.model)
-    batches, n_rows = _calibration_batches(cfg, tokenizer)
-    model = _plain_model(load_model(cfg.model, device=device, for_training=False, pad_token_id=tokenizer.pad_token_id))
+    batches, n_rows = calibration_batches(cfg, tokenizer)
+    model = plain_causal_lm(
+        load_model(cfg.model, device=device, for_training=False, pad_token_id=tokenizer.pad_token_id), "compress"
+    )
     P.check_prunable(model)
     linears = P.prunable_linears(model, m.modules)
     params_before = P.count_parameters(model)
@@ -112,20 +112,6 @@ def run_lowrank(cfg: RunConfig) -> dict[str, Any]:
         "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
     }
     return finish(run_dir, summary, f"{cfg.recipe.name} summary ({m.rank_by})", _table_rows(summary))
-
-
-def _plain_model(model):
-    """A causal LM without adapters: a reward model is refused, an adapter dir is merged into its base."""
-    if is_reward_model(model):
-        raise ModelError("model.name_or_path holds a reward model (a score head, no LM head); compress a causal LM")
-    if hasattr(model, "merge_and_unload"):
-        config = model.active_peft_config
-        kind = getattr(config.peft_type, "value", config.peft_type)
-        if config.is_prompt_learning:
-            raise ModelError(f"model.name_or_path holds a {kind} adapter, which does not merge; compress its base")
-        console.print(f"[bold]model[/] a {kind} adapter dir: the adapter is merged into the base weights first")
-        model = model.merge_and_unload()
-    return model
 
 
 def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:

@@ -20,13 +20,11 @@ from typing import Any
 from polmctl.compress import prune as P
 from polmctl.config.schema import RunConfig
 from polmctl.console import console
-from polmctl.data import encode_dataset, load_rows, pad_collate
 from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb
-from polmctl.errors import ModelError
 from polmctl.evals import evaluate_run
-from polmctl.models import is_reward_model, load_model, load_tokenizer, save_model
-from polmctl.runners.common import begin, eval_rows, finish
+from polmctl.models import load_model, load_tokenizer, save_model
+from polmctl.runners.common import begin, calibration_batches, eval_rows, finish, plain_causal_lm
 
 
 def run_prune(cfg: RunConfig) -> dict[str, Any]:
@@ -42,9 +40,10 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
 
     # Data first: a bad file or column fails here, before any model weights load.
     tokenizer = load_tokenizer(cfg.model)
-    batches, n_rows = _calibration_batches(cfg, tokenizer)
-    model = _plain_model(
-        load_model(cfg.model, device=run_device(cfg.trainer), for_training=False, pad_token_id=tokenizer.pad_token_id)
+    batches, n_rows = calibration_batches(cfg, tokenizer)
+    model = plain_causal_lm(
+        load_model(cfg.model, device=run_device(cfg.trainer), for_training=False, pad_token_id=tokenizer.pad_token_id),
+        "prune",
     )
     P.check_prunable(model)
     layers_before = len(P.decoder_layers(model))
@@ -123,51 +122,6 @@ def run_prune(cfg: RunConfig) -> dict[str, Any]:
         "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
     }
     return finish(run_dir, summary, f"{cfg.recipe.name} summary ({m.criterion})", _table_rows(summary))
-
-
-def _plain_model(model):
-    """A reward model cannot be pruned for language modelling; a LoRA adapter dir is merged first."""
-    if is_reward_model(model):
-        raise ModelError("model.name_or_path holds a reward model (a score head, no LM head); prune a causal LM")
-    if hasattr(model, "merge_and_unload"):
-        peft_type = getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type)
-        if peft_type != "LORA":
-            raise ModelError(
-                f"model.name_or_path holds a {peft_type} adapter, which does not merge into the weights; "
-                "prune the base model instead"
-            )
-        console.print("[bold]model[/] a LoRA adapter dir: the adapter is merged into the base weights before pruning")
-        model = model.merge_and_unload()
-    return model
-
-
-def _calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
-    """``method.calibration_rows`` rows of the run's data, every token labelled, in padded batches."""
-    m = cfg.method
-    rows = load_rows(
-        cfg.data.source,
-        cfg.data.split,
-        max_rows=m.calibration_rows,
-        options=dict(cfg.data.options) or None,
-        hub_config=cfg.data.hub_config,
-    )
-    # Preference rows calibrate on prompt + chosen answer.
-    rows = [
-        {"prompt": r["prompt"], "completion": r["chosen"]} if "chosen" in r and "completion" not in r else r
-        for r in rows
-    ]
-    examples, _ = encode_dataset(
-        rows,
-        tokenizer,
-        source=cfg.data.source,
-        fmt=cfg.data.format,
-        max_length=cfg.data.max_length,
-        completion_only_loss=False,
-        overlong="truncate",
-    )
-    bs = m.calibration_batch_size
-    batches = [pad_collate(examples[i : i + bs], tokenizer.pad_token_id) for i in range(0, len(examples), bs)]
-    return batches, len(examples)
 
 
 def _table_rows(summary: dict[str, Any]) -> dict[str, Any]:

@@ -40,9 +40,9 @@ from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb
 from polmctl.errors import ConfigError, ModelError
 from polmctl.evals import evaluate_run
-from polmctl.models import is_reward_model, load_model, load_tokenizer, resolve_model_path, save_model
+from polmctl.models import load_model, load_tokenizer, resolve_model_path, save_model
 from polmctl.models.replaced import is_replaced_dir
-from polmctl.runners.common import begin, finish
+from polmctl.runners.common import begin, finish, plain_causal_lm
 
 
 def run_quantize(cfg: RunConfig) -> dict[str, Any]:
@@ -193,21 +193,10 @@ def _refuse_quantized(name: str, quantization: str | None) -> None:
 
 
 def _plain_model(model, name: str):
-    """A full-precision causal LM: a reward model is refused, an adapter is merged into its base."""
+    """A full-precision causal LM: a quantized source, a reward model or a prompt-learning adapter is refused,
+    another adapter is merged into its base."""
     _refuse_quantized(name, Q.model_quantization(model))  # e.g. an adapter on a quantized base
-    if is_reward_model(model):
-        raise ConfigError("model.name_or_path", "holds a reward model (a score head, no LM head); quantize a causal LM")
-    if hasattr(model, "merge_and_unload"):
-        config = model.active_peft_config
-        peft_type = getattr(config.peft_type, "value", config.peft_type)
-        if config.is_prompt_learning:
-            raise ConfigError(
-                "model.name_or_path",
-                f"holds a {peft_type} adapter, which does not merge into the weights; quantize its base model instead",
-            )
-        console.print(f"[bold]model[/] a {peft_type} adapter dir: the adapter is merged into the base weights first")
-        model = model.merge_and_unload()
-    return model
+    return plain_causal_lm(model, "quantize", error=lambda message: ConfigError("model.name_or_path", message))
 
 
 def _with_dtype(model_cfg: ModelConfig, dtype: torch.dtype) -> ModelConfig:
