@@ -4,8 +4,9 @@
 overrides, ``-m`` sweeps, ``--cfg job``, ``hydra/launcher=...``, sweepers.
 
 The runner runs holding its run dir (``runners.common.held_run_dir``: a second run into it stops at
-once). Ctrl-C exits 130 with a line naming the last checkpoint and the command that resumes; a user
-error exits 1 with its one line; either way summary.json says how the run ended.
+once). Ctrl-C, or SIGTERM (what Slurm and most schedulers send before a kill), exits 130 with a line
+naming the last checkpoint and the command that resumes; a user error exits 1 with its one line;
+either way summary.json says how the run ended.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import hydra
 from omegaconf import DictConfig
@@ -50,7 +54,8 @@ def run_config(cfg: DictConfig) -> Any:
     from polmctl.launch import run_with_launcher
 
     try:
-        summary = run_with_launcher(run, run_holding_its_dir)  # launcher=accelerate: N processes
+        with sigterm_as_interrupt():
+            summary = run_with_launcher(run, run_holding_its_dir)  # launcher=accelerate: N processes
     except KeyboardInterrupt:
         interrupted(run)
     except USER_ERRORS as err:
@@ -59,6 +64,21 @@ def run_config(cfg: DictConfig) -> Any:
         return sweep_objective(run, summary)  # sweep.metric, for sweepers that optimise it
     except ConfigError as err:
         fail("config error", str(err))
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, so a scheduler's stop (Slurm's time limit,
+    ``kill``) ends a run as Ctrl-C does: summary.json "interrupted", the resume line. Outside the
+    main thread (where signals cannot be set) the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_holding_its_dir(run: RunConfig) -> dict[str, Any]:

@@ -60,6 +60,7 @@ from polmctl.methods.preference import DPOMethod, PairwiseObjective
 from polmctl.models.forward import sequence_logps
 from polmctl.rollout.backends import make_backend
 from polmctl.rollout.judges import JUDGE_MODES, template_problem
+from polmctl.rollout.reward_data import check_reward_data
 from polmctl.rollout.rewards import math_answer
 from polmctl.rollout.sampling import SamplingOptions
 
@@ -215,7 +216,10 @@ class OnlineDPOObjective(Objective):
         self.judge_note: str | None = None
 
     def encode(self, rows: list[dict], tokenizer, data) -> tuple[list[dict], Any]:
-        return prompt_rows(rows, data.source)
+        rows, stats = prompt_rows(rows, data.source)
+        if self.method.judge != "rewards":
+            return rows, stats
+        return rows, check_reward_data(rows, self.method.rewards, data.source, stats)  # before the model loads
 
     def weight(self, batch: dict) -> int:
         return batch["input_ids"].size(0) // 2

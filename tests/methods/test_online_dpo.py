@@ -177,3 +177,17 @@ def test_the_second_model_a_run_holds():
     assert second_model(run("lora")) is None  # reward functions, adapters off for the reference
     what, cfg = second_model(run("none", judge="reward_model", judge_model="outputs/rm"))
     assert what.startswith("judge outputs/rm (+ a frozen reference copy") and cfg.name_or_path == "outputs/rm"
+
+
+def test_encode_refuses_rows_a_reward_cannot_score_before_the_model_loads():
+    from polmctl.errors import DataError
+
+    objective = OnlineDPOObjective(OnlineDPOMethod(rewards=["math_answer"]))
+    data = SimpleNamespace(source="prompts.jsonl")
+    rows = [{"prompt": "1+1=?"}, {"prompt": "2+2=?"}]
+    with pytest.raises(DataError, match=r"prompts.jsonl: reward 'math_answer' .* reads the column 'answer'"):
+        objective.encode(rows, None, data)
+    kept, stats = objective.encode([{"prompt": "1+1=?", "answer": "2"}], None, data)
+    assert len(kept) == 1 and "prompt" in stats.summary()
+    judged = OnlineDPOObjective(OnlineDPOMethod(judge="llm", judge_model="reference", rewards=["math_answer"]))
+    assert len(judged.encode(rows, None, data)[0]) == 2  # an LLM judge reads no column

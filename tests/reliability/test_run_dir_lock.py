@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,26 @@ def test_an_error_line_keeps_its_brackets(capsys):
         fail("RunDirBusy", "outputs/x is in use (pid 7: polmctl run 'eval.tasks=[arithmetic]' data.options={n: 2})", 1)
     assert done.value.code == 1
     assert "polmctl run 'eval.tasks=[arithmetic]'" in capsys.readouterr().err  # not read as rich markup
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, cache):
+    """What Slurm sends at its time limit: summary.json "interrupted", the resume line, the lock released."""
+    run_dir = tmp_path / "run"
+    run = Run(run_dir, "trainer.max_steps=1000", cache=cache)
+    run.until(lambda: (run_dir / "checkpoints" / "step-2").is_dir(), "checkpoint step-2")
+    run.signal(signal.SIGTERM)
+    code, out = run.wait()
+    assert code == 130, out[-4000:]
+    assert any(line.startswith("interrupted:") and "resume with: " in line for line in out.splitlines()), out[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_sigterm_handler_is_put_back_after_the_run():
+    from polmctl.entry import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
