@@ -132,7 +132,12 @@ def check(w: Workload) -> Equivalence:
         return side.objective(model, batch).loss_sum / side.objective.weight(batch)
 
     p_loss, p_grad = _loss_and_grad(model, polmctl_loss)
-    t_loss, t_grad = _loss_and_grad(model, lambda: trainer.compute_loss(trainer.model, dict(inputs)))
+
+    def trl_loss():
+        with trainer.accelerator.autocast():  # TRL's bf16: its training step runs compute_loss under it
+            return trainer.compute_loss(trainer.model, dict(inputs))
+
+    t_loss, t_grad = _loss_and_grad(model, trl_loss)
     note = "DPO: polmctl's reference log-probs precomputed, TRL's by a reference forward" if w.method == "dpo" else ""
     return Equivalence(w.method, same, p_loss, t_loss, ((p_grad - t_grad).norm() / t_grad.norm()).item(), note)
 
@@ -173,7 +178,12 @@ def _check_grpo(side: PolmctlSide, trainer) -> Equivalence:
         return side.objective(model, batch).loss_sum / side.objective.weight(batch)
 
     p_loss, p_grad = _loss_and_grad(model, polmctl_loss)
-    t_loss, t_grad = _loss_and_grad(model, lambda: trainer._compute_loss(trainer.model, inputs))
+
+    def trl_loss():
+        with trainer.accelerator.autocast():
+            return trainer._compute_loss(trainer.model, inputs)
+
+    t_loss, t_grad = _loss_and_grad(model, trl_loss)
     note = (
         "GRPO: TRL scored polmctl's sampled completions (same rows); on-policy the loss is -mean(A), "
         "the gradient carries the log-probs"

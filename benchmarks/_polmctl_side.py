@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from _workload import DATA, RECIPES, Workload
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from polmctl.compose import compose_config
@@ -75,6 +76,12 @@ class PolmctlSide:
         cfg = validate(compose_config(polmctl_overrides(w, self.run_dir)))
         self.cfg = cfg
         set_seed(cfg.seed)
+        # accelerate keeps one process-wide state and refuses a second Accelerator with another
+        # mixed_precision: after a TRL side with bf16=True (the equivalence check builds one
+        # first) polmctl's own (mixed_precision=no, bf16 weights) would stop with "AcceleratorState
+        # has already been initialized". Reset it as transformers' TrainingArguments does before
+        # each of its trainers; a TRL side built after this one resets it back (TRLSide checks).
+        AcceleratorState._reset_state(reset_partial_state=True)
         acc = make_accelerator(cfg.trainer, cfg.logger, self.run_dir)
         self.tokenizer = load_tokenizer(cfg.model)
         self.rows = load_rows(cfg.data.source, cfg.data.split, max_rows=cfg.data.max_rows)

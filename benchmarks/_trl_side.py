@@ -219,6 +219,7 @@ class TRLSide:
         else:
             self._resume.release()
         self._paused.acquire()
+        self._check_precision()
         if self._error is not None:
             raise RuntimeError(f"TRL {self.workload.method} training failed: {self._error}") from self._error
         if self._done:
@@ -227,6 +228,18 @@ class TRLSide:
         if self.workload.method == "grpo":
             out.update(rollout_s=self.rollout_s, new_tokens=float(self.new_tokens))
         return out
+
+    def _check_precision(self) -> None:
+        """accelerate's state is one per process and a side built later resets it: without this
+        check a polmctl side built after this one would silently take TRL's bf16 autocast away."""
+        from accelerate.state import AcceleratorState
+
+        wanted = "bf16" if self.workload.dtype == "bfloat16" else "no"
+        if self._error is None and AcceleratorState().mixed_precision != wanted:
+            raise RuntimeError(
+                f"TRL's side runs with accelerate's mixed_precision={AcceleratorState().mixed_precision!r}, "
+                f"not {wanted!r}: build the TRL side after the polmctl side"
+            )
 
     def losses(self) -> list[float]:
         """The loss TRL logged at each step so far (it logs a step after its on_step_end)."""

@@ -9,6 +9,7 @@ polmctl compare multirun/2026-11-25/10-00-00   # a sweep's metrics table and a P
 polmctl report outputs/lora/2026-11-24/10-00-00 # a run's self-contained HTML page (curves, generations)
 polmctl survey                                 # one recipe per paradigm on SmolLM2: survey/ (table, page)
 polmctl chat outputs/lora/2026-11-24/10-00-00  # talk to a run's model (--prompt for one reply)
+polmctl rollout-server builtin:smollm2-135m    # serve rollouts over HTTP (method.vllm_mode=server)
 polmctl doctor                                 # versions, devices, bitsandbytes, builtin models, caches
 polmctl data critique builtin:instructions --out cai.jsonl   # critique-and-revise SFT and preference rows
 polmctl data inspect rows.jsonl                 # rows, token lengths (PNG), exact and near duplicates
@@ -331,6 +332,60 @@ def chat(
             note=lambda text: note(text, style="dim", highlight=False, markup=False),
         )
     except (CommandError, DataError, ModelError) as err:
+        _fail(str(err))
+
+
+@app.command(name="rollout-server")
+def rollout_server(
+    model: str = typer.Argument(..., help="a run dir, a model dir, builtin:<name> or a hub id"),
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (loopback unless you say)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="port to listen on; 0: a free one (printed)"),
+    engine: str = typer.Option(
+        "auto", "--engine", help="auto (vLLM with CUDA, else transformers) | vllm | transformers"
+    ),
+    device: str = typer.Option("auto", "--device", help="transformers engine: auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option(
+        "auto_gpu", "--dtype", help="as model.dtype: auto_gpu (its default) | auto | float32 | bfloat16 | float16"
+    ),
+    gpu_memory_utilization: float = typer.Option(
+        0.9, "--gpu-memory-utilization", min=0.01, max=1.0, help="vLLM: share of the GPU it takes"
+    ),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="vLLM: longest sequence"),
+    max_lora_rank: int = typer.Option(0, "--max-lora-rank", min=0, help="vLLM: largest LoRA rank pushed; 0: no LoRA"),
+    idle_timeout: float = typer.Option(
+        0.0, "--idle-timeout", min=0.0, help="stop after this many idle seconds; 0: never"
+    ),
+    verbose: bool = typer.Option(False, "--verbose", help="log every request"),
+) -> None:
+    """Serve a model for rollouts over HTTP; the trainer pushes its weights to it as it trains.
+
+    [bold]Examples[/]
+
+      polmctl rollout-server builtin:smollm2-135m --port 8000\n
+      polmctl run recipe=grpo method.generation_backend=vllm method.vllm_mode=server method.vllm_server_url=http://127.0.0.1:8000
+    """
+    from polmctl.entry import quiet_libraries
+    from polmctl.errors import CommandError, ModelError
+
+    quiet_libraries()  # before transformers loads and logs
+    from polmctl.rollout.server import serve
+
+    try:
+        serve(
+            model,
+            host=host,
+            port=port,
+            engine=engine,
+            idle_timeout=idle_timeout,
+            verbose=verbose,
+            say=lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False),
+            device=device,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            max_lora_rank=max_lora_rank,
+        )
+    except (CommandError, ModelError) as err:
         _fail(str(err))
 
 

@@ -2,6 +2,7 @@
 
     polmctl run recipe=sft launcher=accelerate launcher.num_processes=2
     polmctl run recipe=sft launcher=accelerate launcher.config_file=fsdp
+    polmctl run -m recipe=sft launcher=accelerate launcher.num_machines=2 hydra/launcher=slurm
     accelerate launch --num_processes 2 -m polmctl run recipe=sft hydra.run.dir=outputs/sft/ddp
 
 The first form composes the run once (which fixes its run dir), then starts
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from polmctl.config.schema import RunConfig
 from polmctl.errors import ConfigError
+from polmctl.machines import machine_arguments
 from polmctl.validate import runner_of
 
 ACCELERATE_CONFIGS = Path(__file__).parent / "conf" / "accelerate"
@@ -56,9 +58,40 @@ def run_with_launcher(run: RunConfig, runner: Callable[[RunConfig], dict[str, An
             f"{', '.join(MULTI_PROCESS_RUNNERS)} runs in several: drop launcher=accelerate "
             "(or run it without accelerate launch / torchrun)",
         )
+    if wants_several:
+        check_launch(run, world)  # the strategy against the rest of the run, before any process starts
     if run.launcher.name != "accelerate" or world is not None:
         return runner(run)
     return relaunch(run)
+
+
+def launch_strategy(run: RunConfig, world: int | None) -> tuple[str, int]:
+    """(strategy, processes) of this launch: in a rank, what the launcher's variables say; before a
+    launch, what launcher.config_file asks for (engine/sharding.py, launch_strategy.py)."""
+    from polmctl.launch_strategy import config_file_strategy
+
+    if world is not None:
+        from polmctl.engine.sharding import requested_strategy
+
+        return requested_strategy(), world
+    path = accelerate_config_path(run.launcher.config_file) if run.launcher.config_file else None
+    strategy = config_file_strategy(path) if path else "ddp"
+    if not (processes := run.launcher.num_processes):  # else as launch_command counts them
+        processes = _config_processes(path) if path else default_num_processes() * run.launcher.num_machines
+    return ("single" if strategy == "ddp" and processes == 1 else strategy), processes
+
+
+def _config_processes(path: Path) -> int:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return int(load_config_from_file(str(path)).num_processes or 1)
+
+
+def check_launch(run: RunConfig, world: int | None) -> None:
+    from polmctl.launch_strategy import check_strategy
+
+    strategy, processes = launch_strategy(run, world)
+    check_strategy(run, strategy, processes)
 
 
 def relaunch(run: RunConfig) -> dict[str, Any]:
@@ -68,7 +101,10 @@ def relaunch(run: RunConfig) -> dict[str, Any]:
     from polmctl.console import console
 
     console.print(f"[bold]launcher[/] {' '.join(command[3:])}", highlight=False, soft_wrap=True)
-    code = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if on_cpu(run) and launch_strategy(run, None)[0].startswith("deepspeed"):
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), read at its import
+    code = subprocess.run(command, env=env).returncode
     if code != 0:
         raise SystemExit(code)  # the ranks have printed their own errors
     summary = run_dir / "summary.json"
@@ -105,8 +141,11 @@ def launch_command(run: RunConfig, overrides: Sequence[str], run_dir: Path) -> l
     if launcher.config_file:
         args += ["--config_file", str(accelerate_config_path(launcher.config_file))]
     else:  # the values accelerate would otherwise warn that it defaulted
-        args += ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", run.trainer.mixed_precision]
-    num_processes = launcher.num_processes or (None if launcher.config_file else default_num_processes())
+        args += ["--num_machines", "1"] if launcher.num_machines == 1 else []
+        args += ["--dynamo_backend", "no", "--mixed_precision", run.trainer.mixed_precision]
+    args += machine_arguments(launcher)  # several machines: their count, this one's rank, machine 0's address
+    per_machine = None if launcher.config_file else default_num_processes()
+    num_processes = launcher.num_processes or (per_machine and per_machine * launcher.num_machines)
     if num_processes:
         args += ["--num_processes", str(num_processes)]
     if num_processes and num_processes > 1 and not launcher.config_file:

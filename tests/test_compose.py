@@ -174,6 +174,13 @@ ISSUE_22_GENERATION = [
     "  cache_group_size: 64",
     "  cache_residual_length: 128",
 ]
+ISSUE_18_LAUNCHER = ["  num_machines: 1", "  machine_rank: null", "  main_process_ip: null"]
+ISSUE_18_VLLM = [
+    "  vllm_mode: colocate",
+    "  vllm_server_url: http://127.0.0.1:8000",
+    "  vllm_server_timeout: 600.0",
+    "  vllm_sleep_mode: false",
+]
 
 
 @pytest.mark.parametrize("recipe", SNAPSHOT_RECIPES)
@@ -185,11 +192,19 @@ def test_show_prints_what_it_printed_before_the_methods_moved(recipe):
     issue 20 ``method.advantage`` (group) and ``method.kl_in_reward`` (false) for REINFORCE++; since issue 22
     the peft family's keys after ``peft.merge_on_save`` (their defaults: LoRA's init, patterns, IA3's
     feed-forward modules, OFT/BOFT blocks, AdaLoRA's schedule), a ``generation`` section (the KV cache)
-    before ``method``, and recipe=quantize's ``method.bits`` and ``method.group_size``."""
-    expected = []
+    before ``method``, and recipe=quantize's ``method.bits`` and ``method.group_size``; since issue 18
+    ``model.dtype`` (and distill's ``method.teacher_dtype``) default to auto_gpu: what auto meant before,
+    auto now also picks bf16 on CPUs with AVX512-BF16 or AMX; since issue 18 too the launcher's
+    ``num_machines`` (1), ``machine_rank`` and ``main_process_ip`` (null) after ``main_process_port``, and
+    the sampling methods' ``vllm_mode`` (colocate), ``vllm_server_url``, ``vllm_server_timeout`` and
+    ``vllm_sleep_mode`` (false) after ``vllm_gpu_memory_utilization``."""
+    expected, section = [], None
     for line in (SNAPSHOTS / f"{recipe}.yaml").read_text().splitlines():
         if line.startswith("runner: "):
             continue
+        section = line[:-1] if line and not line.startswith(" ") and line.endswith(":") else section
+        if (section, line) in (("model", "  dtype: auto"), ("method", "  teacher_dtype: auto")):
+            line += "_gpu"  # issue 18
         if line.startswith("method:"):
             expected += ISSUE_22_GENERATION
         expected.append(line.replace("  objective: ", "  name: ", 1) if line.startswith("  objective: ") else line)
@@ -201,4 +216,8 @@ def test_show_prints_what_it_printed_before_the_methods_moved(recipe):
             expected += ISSUE_22_PEFT
         if line.startswith("  speed_batch_size: ") and recipe == "quantize":
             expected += ["  bits: 4", "  group_size: 64"]  # issue 22: hqq's bits, cpu_int4/hqq's group size
+        if line.startswith("  main_process_port: "):
+            expected += ISSUE_18_LAUNCHER
+        if line.startswith("  vllm_gpu_memory_utilization: "):
+            expected += ISSUE_18_VLLM
     assert compose_validated([f"recipe={recipe}"])[1].splitlines() == expected

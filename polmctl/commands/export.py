@@ -4,11 +4,16 @@
     polmctl export outputs/lora/2026-11-24/10-00-00/checkpoints/step-40 --merge-adapters --out exported/step-40
     polmctl export outputs/lora/2026-11-24/10-00-00 --merge-adapters --format gguf --gguf-type q8_0 --out lora.gguf
     polmctl export exported/lora --out exported/lora-bf16 --dtype bfloat16 --push-to-hub me/smollm2-lora
+    polmctl export outputs/sft/2026-12-03/10-00-00/checkpoints/step-40 --out exported/step-40   # sharded (FSDP2)
 
 The source is a run dir (its final/), a checkpoint dir (checkpoints/step-N: the base model and
 peft config come from the run's config as the checkpoint recorded it (its hydra/config.yaml, else
-the run's .hydra/config.yaml), the trained weights from its trainable.safetensors; its
-trainer_state.pt is never read), a model or adapter dir, builtin:<name> or a hub id.
+the run's .hydra/config.yaml), the trained weights from its trainable.safetensors, or from its
+sharded/ dir when a sharded (FSDP2) run wrote it: torch.distributed.checkpoint's own format, whose
+shards are read in this one process (no process group) into the model built from the run's config,
+the .metadata file through a restricted unpickler and the .distcp files as tensors only
+(engine/checkpoint.py); the optimizer shards and trainer_state.pt are never read), a model or
+adapter dir, builtin:<name> or a hub id.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    return (path / "trainable.safetensors").is_file() and (path / "trainer_state.pt").is_file()
+    from polmctl.engine.checkpoint import is_sharded_checkpoint
+
+    weights = (path / "trainable.safetensors").is_file() or is_sharded_checkpoint(path)
+    return weights and (path / "trainer_state.pt").is_file()
 
 
 def _check_request(source: str, out: Path, fmt: str, dtype: str | None, push_to_hub: str | None) -> None:
@@ -54,7 +62,7 @@ def load_checkpoint_model(ckpt: Path):
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from polmctl.engine.checkpoint import load_trainable
+    from polmctl.engine.checkpoint import is_sharded_checkpoint, load_sharded_trainable, load_trainable
     from polmctl.methods.registry import build_objective, method_spec
     from polmctl.models import apply_peft, load_model, load_tokenizer
     from polmctl.validate import upgrade_recorded, validate
@@ -89,7 +97,10 @@ def load_checkpoint_model(ckpt: Path):
     for name, head in heads.items():
         model.add_module(name, head)
     try:
-        load_trainable(ckpt, model)  # the weights only (safetensors): trainer_state.pt is not needed, nor read
+        if is_sharded_checkpoint(ckpt):  # an FSDP2 run's shards, put together in this one process
+            load_sharded_trainable(ckpt, model)
+        else:
+            load_trainable(ckpt, model)  # the weights only (safetensors): trainer_state.pt is not needed, nor read
     except ValueError as err:
         raise ModelError(str(err)) from None
     for name in heads:

@@ -3,10 +3,15 @@ and estimate the memory one training process needs, against the device's free me
 
     polmctl plan recipe=lora
     polmctl plan recipe=sft model=tiny trainer.micro_batch_size=32 data.max_length=1024
+    polmctl plan recipe=sft launcher=accelerate launcher.num_processes=8 launcher.config_file=fsdp
 
 Nothing trains and no weights load: the model is built on PyTorch's meta device (shapes and
 dtypes, no storage), with the run's peft adapter applied to it, so parameter and trainable
 counts are exact. Activations are an estimate (the formula is in ``activation_bytes``).
+
+With several processes (launcher=accelerate, launcher.num_processes=N) the memory is per rank,
+for the strategy asked for and for each of the others (``per_rank``: what DDP, FSDP2 and ZeRO-2/3
+divide across ranks), and the plan names the strategies that fit.
 """
 
 from __future__ import annotations
@@ -195,6 +200,105 @@ def _extra_model(cfg: RunConfig, policy_weights: int) -> tuple[str, int] | None:
     return what, weight_bytes(model, model_cfg.quantization)
 
 
+STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
+CONFIG_FILES = {
+    "ddp": "ddp",
+    "fsdp2": "fsdp",
+    "deepspeed_zero2": "deepspeed_zero2",
+    "deepspeed_zero3": "deepspeed_zero3",
+}
+
+
+def unit_bytes(model) -> tuple[int, int]:
+    """(bytes of the largest transformer layer, bytes of everything outside the layers: embeddings,
+    head, final norm). The layers are the model's ``_no_split_modules`` classes, the units that
+    FSDP's transformer-layer wrapping shards and gathers one by one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    largest = max((_nbytes(layer.parameters()) for layer in layers), default=0)
+    outside = sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in base.parameters()}.values() if id(p) not in inside
+    )
+    return largest, outside
+
+
+def per_rank(memory: dict[str, int], strategy: str, ranks: int, largest_layer: int, outside_layers: int) -> dict:
+    """One rank's memory under ``strategy`` over ``ranks`` processes, from the one-process figures
+    (``weights``, ``gradients``, ``optimizer state``, ``activations``, and a second model if any).
+
+      ddp              everything whole on every rank, and the gradients twice: DDP all-reduces
+                       them from bucket buffers of their size (gradient_as_bucket_view off)
+      deepspeed_zero2  weights whole; gradients and optimizer state / ranks
+      deepspeed_zero3  weights, gradients and optimizer state / ranks, plus the weights gathered
+      fsdp2            the same as ZeRO-3: weights, gradients, optimizer state / ranks + gathered
+    Gathered: what is unsharded at once while a step runs: the parameters outside the layers (FSDP2's
+    root unit; ZeRO-3 gathers the embeddings and the head when they run) and two layers (the one
+    computing and the one prefetched). Activations are each rank's own micro-batch, as in one
+    process; a second model (reference, teacher) is counted whole. Communication buckets and
+    transient buffers are not counted."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    out = dict(memory)
+    if strategy == "ddp":
+        out["gradient buckets"] = memory["gradients"]
+        return out
+    out["gradients"] = -(-memory["gradients"] // ranks)
+    out["optimizer state"] = -(-memory["optimizer state"] // ranks)
+    if strategy in ("fsdp2", "deepspeed_zero3"):
+        out["weights"] = -(-memory["weights"] // ranks)
+        out["gathered weights"] = min(outside_layers + 2 * largest_layer, memory["weights"])
+    return out
+
+
+def _verdict(need: int, free: int) -> str:
+    return "FITS" if need <= TIGHT_ABOVE * free else "TIGHT" if need <= free else "DOES NOT FIT"
+
+
+def requested_launch(cfg: RunConfig) -> tuple[str, int]:
+    """(strategy, processes) that launcher.* asks for; ("single", 1) for one process."""
+    launcher = cfg.launcher
+    if launcher.name != "accelerate" and not launcher.num_processes and not launcher.config_file:
+        return "single", 1
+    from polmctl.launch import launch_strategy
+
+    return launch_strategy(cfg, None)
+
+
+def _several(cfg: RunConfig, result: dict, memory: dict, model, device: torch.device) -> None:
+    """Per-rank memory of each strategy over launcher.num_processes ranks; the requested one is the
+    plan's memory and verdict. On CPU the ranks share the machine's memory (N x one rank's)."""
+    strategy, ranks = requested_launch(cfg)
+    if ranks <= 1:
+        return
+    largest, outside = unit_bytes(model)
+    free, measured = free_memory(device)
+    shared = device.type != "cuda"
+    rows = {}
+    for name in STRATEGIES:
+        rank = per_rank(memory, name, ranks, largest, outside)
+        need = sum(rank.values()) * (ranks if shared else 1)
+        rows[name] = {"memory": rank, "per_rank_bytes": sum(rank.values()), "verdict": _verdict(need, free)}
+    chosen = strategy if strategy in rows else "ddp"
+    fitting = [name for name in STRATEGIES if rows[name]["verdict"] == "FITS"]
+    if rows[chosen]["verdict"] == "FITS":
+        hint = None
+    elif fitting:
+        best = min(fitting, key=lambda name: rows[name]["per_rank_bytes"])
+        hint = (
+            f"launcher.config_file={CONFIG_FILES[best]} fits: {_gib(rows[best]['per_rank_bytes'])} per rank "
+            f"(launcher.config_file={CONFIG_FILES[chosen]}: {_gib(rows[chosen]['per_rank_bytes'])})"
+        )
+    else:
+        hint = (
+            "no strategy fits at this size: more processes, peft, model.gradient_checkpointing=true or a smaller batch"
+        )
+    result.update(processes=ranks, strategy=chosen, strategies=rows, strategy_hint=hint, shared_memory=shared)
+    memory.clear()
+    memory.update(rows[chosen]["memory"])
+
+
 def make_plan(args: list[str]) -> dict:
     from polmctl.compose import compose_validated
     from polmctl.methods.registry import build_objective, method_spec
@@ -253,16 +357,20 @@ def make_plan(args: list[str]) -> dict:
         extra = _extra_model(cfg, weights)
         if extra:
             memory[extra[0]] = extra[1]
+        _several(cfg, result, memory, model, device)
     free, measured = free_memory(device)
-    need = sum(memory.values())
-    verdict = "FITS" if need <= TIGHT_ABOVE * free else "TIGHT" if need <= free else "DOES NOT FIT"
+    per_process = sum(memory.values())
+    ranks = result.get("processes", 1)
+    need = per_process * ranks if result.get("shared_memory") else per_process
+    who = f" per rank under {result['strategy']}" if ranks > 1 else " per process"
+    together = f", {ranks} ranks sharing it: {_gib(need)}" if ranks > 1 and result.get("shared_memory") else ""
     result.update(
         memory=memory,
-        total_bytes=need,
+        total_bytes=per_process,
         free_bytes=free,
         free_measured=measured,
-        verdict=verdict,
-        verdict_reason=f"{_gib(need)} needed per process, {_gib(free)} {measured} "
+        verdict=_verdict(need, free),
+        verdict_reason=f"{_gib(per_process)} needed{who}{together}, {_gib(free)} {measured} "
         f"({100 * need / max(free, 1):.0f}%; TIGHT above {TIGHT_ABOVE:.0%})",
     )
     return result
@@ -300,6 +408,13 @@ def plan_table(result: dict):
         table.add_row("activations at", result["activations_at"])
     for name, value in result["memory"].items():
         table.add_row(f"memory: {name}", _gib(value))
-    table.add_row("memory: total per process", _gib(result["total_bytes"]))
+    ranks = result.get("processes", 1)
+    table.add_row(f"memory: total per {'rank' if ranks > 1 else 'process'}", _gib(result["total_bytes"]))
     table.add_row("available", f"{_gib(result['free_bytes'])} ({result['free_measured']})")
+    for name, row in result.get("strategies", {}).items():
+        parts = ", ".join(f"{what} {_gib(value)}" for what, value in row["memory"].items())
+        mark = " (launcher.config_file)" if name == result["strategy"] else ""
+        table.add_row(f"{name} x {ranks}{mark}", f"{row['verdict']}: {_gib(row['per_rank_bytes'])} per rank ({parts})")
+    if result.get("strategy_hint"):
+        table.add_row("hint", result["strategy_hint"])
     return table

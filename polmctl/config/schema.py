@@ -58,7 +58,10 @@ class ModelConfig:
         "builtin:<name> (smollm2-135m, tiny), a hub id, a local model dir or a run dir",
     )
     dtype: str = option(
-        "auto", "weights dtype: auto (bf16 on GPUs that support it, else fp32) | float32 | bfloat16 | float16"
+        "auto_gpu",
+        "weights and compute dtype (trainable parameters stay float32): auto_gpu (bf16 on CUDA GPUs of compute "
+        "capability >= 8.0, else float32) | auto (also bf16 on CPUs with AVX512-BF16 or AMX-BF16) | float32 | "
+        "bfloat16 | float16",
     )
     quantization: str = option("none", "load the base weights quantized with bitsandbytes: none | nf4 | fp4 | int8")
     double_quant: bool = option(True, "4-bit only: also quantize the quantization constants")
@@ -72,7 +75,7 @@ class ModelConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
 
     def check(self, section: str) -> None:
-        one_of(section, "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        one_of(section, "dtype", self.dtype, ("auto_gpu", "auto", "float32", "bfloat16", "float16"))
         one_of(section, "quantization", self.quantization, ("none", "nf4", "fp4", "int8"))
         if not self.name_or_path:
             raise ConfigError(f"{section}.name_or_path", "is empty; give builtin:<name>, a hub id or a path")
@@ -329,14 +332,46 @@ class LauncherConfig:
         "(ddp | fsdp | deepspeed_zero2 | deepspeed_zero3, by name or path)",
     )
     main_process_port: Optional[int] = option(None, "rendezvous port of rank 0 (None: accelerate's default, 29500)")
+    num_machines: int = option(
+        1,
+        "machines (nodes) the processes span: one launch on each, one process group; num_processes "
+        "counts them all (None: each machine's GPUs)",
+    )
+    machine_rank: Optional[int] = option(
+        None, "with num_machines > 1: this machine's rank, 0 .. num_machines-1 (None: $SLURM_NODEID under Slurm)"
+    )
+    main_process_ip: Optional[str] = option(
+        None,
+        "with num_machines > 1: the address of machine 0 (None under Slurm: the first host of its allocation)",
+    )
 
     def check(self, section: str) -> None:
         one_of(section, "name", self.name, ("none", "accelerate"))
         if self.num_processes is not None:
             positive(section, "num_processes", self.num_processes)
-        if self.name == "none" and (self.num_processes or self.config_file):
+        if self.name == "none" and (self.num_processes or self.config_file or self.num_machines != 1):
             raise ConfigError(
-                f"{section}.name", "is none, so num_processes / config_file would be ignored; add launcher=accelerate"
+                f"{section}.name",
+                "is none, so num_processes / config_file / num_machines would be ignored; add launcher=accelerate",
+            )
+        self._check_machines(section)
+
+    def _check_machines(self, section: str) -> None:
+        positive(section, "num_machines", self.num_machines)
+        if self.num_machines == 1:
+            for key in ("machine_rank", "main_process_ip"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{section}.{key}", "is read with several machines only; set num_machines")
+            return
+        if self.machine_rank is not None and not 0 <= self.machine_rank < self.num_machines:
+            raise ConfigError(
+                f"{section}.machine_rank", f"must be in 0 .. {self.num_machines - 1}, got {self.machine_rank}"
+            )
+        if self.num_processes is not None and self.num_processes % self.num_machines:
+            raise ConfigError(
+                f"{section}.num_processes",
+                f"counts the processes of all {self.num_machines} machines, the same number on each; "
+                f"got {self.num_processes}",
             )
 
 

@@ -11,8 +11,15 @@ Contents:
     run_config.yaml, hydra/ what the run was (model, peft, method) and its .hydra/ files (the runner's)
     tokenizer files         with the chat template, which travels with every checkpoint
 
+A sharded run (FSDP2) writes ``sharded/`` instead of ``trainable.safetensors``: every rank's shard
+of the trainable weights and of the optimizer state, written by all ranks at once with
+torch.distributed.checkpoint into the same temp dir, which rank 0 renames after they are done.
+Its trainer_state.pt then holds the optimizer's param groups (plain values), not its state.
+
 Nothing in a checkpoint is unpickled: a trainer_state.pt that needs more than tensors and plain
-values (a crafted file, or one written before RNG states were stored as tensors) is refused.
+values (a crafted file, or one written before RNG states were stored as tensors) is refused, and
+``sharded/`` is read with a restricted reader (``SafeCheckpointReader``): its ``.metadata`` through an
+unpickler that builds torch's checkpoint-metadata classes only, its ``.distcp`` files as tensors only.
 ``final/`` is different: it is a model dir for ``from_pretrained`` (see models.save_model).
 """
 
@@ -96,13 +103,23 @@ def save_checkpoint(
     """Write ``ckpt_root/step-<step>`` atomically, then delete all but the newest ``keep_last``.
     ``files``: text files (relative path -> text) the checkpoint keeps beside the weights."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f"step-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+
+    def weights(into: Path) -> None:
+        into.mkdir()
+        save_file(trainable_state(model), str(into / "trainable.safetensors"))
+
+    return _complete(ckpt_root, step, tmp, weights, state, keep_last, tokenizer, files)
+
+
+def _complete(ckpt_root: Path, step: int, tmp: Path, weights, state, keep_last: int, tokenizer, files) -> Path:
+    """Into ``tmp``: ``weights(tmp)``, the trainer state, ``files`` and the tokenizer; then renamed to
+    step-<step> and all but the newest ``keep_last`` checkpoints deleted."""
+    final = ckpt_root / f"step-{step}"
     disk_full = False
     try:
-        tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        weights(tmp)
         trainer_state = {"step": step, **state, "rng": rng_state()}
         _check_plain(trainer_state, "trainer state")
         torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -117,18 +134,22 @@ def save_checkpoint(
             raise
         disk_full = True
     if disk_full:  # raised here, not in the except block: the failed writer's open file goes with its traceback
-        free = shutil.disk_usage(ckpt_root).free / 2**20
-        raise CheckpointError(
-            f"no space left on device writing checkpoint {final} ({free:.1f} MiB free on the file system of "
-            f"{ckpt_root}); the partial save was removed and the earlier checkpoints are intact: free some "
-            "space (or lower trainer.keep_last), then resume with resume=auto"
-        )
+        raise _disk_full_error(final, ckpt_root)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _disk_full_error(final: Path, ckpt_root: Path) -> CheckpointError:
+    free = shutil.disk_usage(ckpt_root).free / 2**20
+    return CheckpointError(
+        f"no space left on device writing checkpoint {final} ({free:.1f} MiB free on the file system of "
+        f"{ckpt_root}); the partial save was removed and the earlier checkpoints are intact: free some "
+        "space (or lower trainer.keep_last), then resume with resume=auto"
+    )
 
 
 PLAIN = (torch.Tensor, int, float, str, bool, type(None), torch.dtype, torch.device)
@@ -266,3 +287,198 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     state = load_trainer_state(path)
     load_trainable(path, model)
     return state
+
+
+# -- sharded checkpoints (FSDP2): torch.distributed.checkpoint --------------------------------------
+
+SHARDED_DIR = "sharded"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / SHARDED_DIR / ".metadata").is_file()
+
+
+def save_sharded_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int,
+    *,
+    tmp_pid: int,
+    is_main: bool,
+    barrier,
+    tokenizer: Any = None,
+    files: dict[str, str] | None = None,
+) -> Path | None:
+    """Every rank calls it. All ranks write their shards of the trainable weights and of the
+    optimizer state into ``step-<step>.tmp-<tmp_pid>/sharded/`` (rank 0's pid, so a killed save's
+    temp dir is found like any other); then rank 0 adds the trainer state and the files and renames
+    the dir into place. Returns the checkpoint on rank 0, None on the others."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    tmp = ckpt_root / f"step-{step}.tmp-{tmp_pid}"
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    # Trainable weights only (adapters under LoRA), as trainable.safetensors holds; keyed by name.
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    try:
+        # Tensors only: the param groups (plain values) go into trainer_state.pt, so reading sharded/
+        # back never has a non-tensor entry to unpickle.
+        dcp.save({"model": weights, "optim": optim["state"]}, storage_writer=dcp.FileSystemWriter(tmp / SHARDED_DIR))
+    except BaseException as err:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(err):
+            raise _disk_full_error(ckpt_root / f"step-{step}", ckpt_root) from None
+        raise
+    if not is_main:
+        return None
+    state = {**state, "optimizer_param_groups": optim["param_groups"], "sharded": True}
+    return _complete(ckpt_root, step, tmp, lambda into: None, state, keep_last, tokenizer, files)
+
+
+def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every rank calls it: each reads its own shards (resharded by torch if the process count
+    changed) into the sharded model and optimizer; returns the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    state = load_trainer_state(path)
+    options = StateDictOptions(ignore_frozen_params=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)
+    target = {"model": weights, "optim": optim["state"]}
+    names = set(weights)
+    _check_sharded_names(path, _stored_weights(path), required=names, allowed=names, what="the model's parameters")
+    dcp.load(target, storage_reader=SafeCheckpointReader(path / SHARDED_DIR), planner=TensorsOnlyPlanner())
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=target["model"],
+        optim_state_dict={"state": target["optim"], "param_groups": state["optimizer_param_groups"]},
+        options=options,
+    )
+    return state
+
+
+def load_sharded_trainable(path: Path, model: torch.nn.Module) -> None:
+    """One process, no process group: a sharded checkpoint's trainable weights into the matching
+    parameters of an ordinary model (``polmctl export``); the optimizer state is not read."""
+    import torch.distributed.checkpoint as dcp
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    tensors = model.state_dict()  # every name, tied ones too (torch's sharded state dict keeps both names)
+    stored = _stored_weights(path)
+    _check_sharded_names(path, stored, required=trainable, allowed=set(tensors), what="this model's parameters")
+    # Loaded in place into the model's own tensors (state_dict() shares their storage).
+    dcp.load(
+        {"model": {n: tensors[n] for n in stored}},
+        storage_reader=SafeCheckpointReader(path / SHARDED_DIR),
+        planner=TensorsOnlyPlanner(),
+        no_dist=True,
+    )
+
+
+def _stored_weights(path: Path) -> set[str]:
+    """The names of the weights in a sharded checkpoint (its ``model.`` entries)."""
+    metadata = SafeCheckpointReader(path / SHARDED_DIR).read_metadata().state_dict_metadata
+    return {k.removeprefix("model.") for k in metadata if k.startswith("model.")}
+
+
+def _check_sharded_names(path: Path, stored: set[str], *, required: set[str], allowed: set[str], what: str) -> None:
+    """Every ``required`` weight is in the checkpoint and nothing in it is outside ``allowed``, as
+    load_trainable checks a trainable.safetensors."""
+    missing, unknown = sorted(required - stored), sorted(stored - allowed)
+    if missing or unknown:
+        raise ValueError(
+            f"checkpoint {path} does not match {what} (missing {missing[:3]}, unexpected {unknown[:3]}); resume "
+            "with the same model and peft config"
+        )
+
+
+# The classes a torch.distributed.checkpoint .metadata file is built from (torch 2.x FileSystemWriter).
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds the checkpoint-metadata classes above (and torch dtypes), nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_CLASSES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"{module}.{name} in a sharded checkpoint's .metadata: polmctl reads checkpoint metadata classes only "
+            "and never unpickles other objects from a file; do not trust this checkpoint"
+        )
+
+
+def _reader_base():
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader
+
+
+def _planner_base():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    return DefaultLoadPlanner
+
+
+class SafeCheckpointReader(_reader_base()):
+    """torch's FileSystemReader, but its ``.metadata`` (a pickle) is read with a restricted unpickler:
+    torch's own reader calls pickle.load on it, which would run whatever a crafted file names.
+    Written here because torch.distributed.checkpoint has no safe metadata reader; the tensor data
+    it reads with torch.load(weights_only=True) already."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as file:
+                metadata = _MetadataUnpickler(file).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{path} is not a readable checkpoint metadata file ({err})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not checkpoint metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class TensorsOnlyPlanner(_planner_base()):
+    """torch's default load planner, except that a non-tensor entry is refused: torch would read it
+    with torch.load(weights_only=False). polmctl writes tensors only into sharded/."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise CheckpointError(
+            f"the sharded checkpoint holds a non-tensor entry ({read_item.dest_index.fqn}); polmctl writes tensors "
+            "only there and does not unpickle other entries"
+        )

@@ -17,13 +17,19 @@ A non-finite loss stops the run before the bad update is applied.
 
 With several processes (launcher=accelerate, docs/distributed.md) each rank trains on its own
 slice of every step; the logged loss, metrics and token counts are over all ranks, and only
-rank 0 writes metrics.jsonl and checkpoints (the others wait for it).
+rank 0 writes metrics.jsonl and checkpoints (the others wait for it). The strategy the launcher
+asked for (DDP, FSDP2, DeepSpeed ZeRO-2/3) is the one that runs, or the run stops
+(engine/sharding.py); a sharded model (FSDP2, ZeRO-3) is prepared when ``fit`` starts, so the
+runner's work before it (references, cached log-probs) sees the whole model, and its
+checkpoints are sharded (FSDP2: every rank writes its shard).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,25 +37,44 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from torch.nn.parallel import DistributedDataParallel
 
 from polmctl.config.schema import TrainerConfig
 from polmctl.console import console
 from polmctl.engine.batches import BatchSource, OfflineBatches
 from polmctl.engine.checkpoint import (
+    is_sharded_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_sharded_checkpoint,
     remove_interrupted_saves,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from polmctl.engine.contract import Objective
+from polmctl.engine.device import run_strategy
 from polmctl.engine.metrics import MetricsLog
 from polmctl.engine.optim import build_optimizer, build_scheduler
 from polmctl.engine.progress import StepProgress
+from polmctl.engine.sharding import (
+    FSDPMicroBatch,
+    Strategy,
+    check_fsdp_on_cpu,
+    check_plugin_dtypes,
+    fill_skeleton,
+    fsdp_plugin,
+    gather_full_model,
+    initialise_root,
+    layer_classes,
+    meta_skeleton,
+    shard_fsdp2,
+)
 from polmctl.errors import TrainingError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,17 +99,9 @@ class ModelAttributesDDP(DistributedDataParallel):
             return getattr(super().__getattr__("module"), name)
 
 
-def check_distributed_type(acc: Accelerator, cfg: TrainerConfig) -> None:
-    """What this loop supports beyond DDP, said before anything is sharded (docs/distributed.md)."""
-    kind = acc.distributed_type
-    plugin = acc.state.deepspeed_plugin
-    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin and plugin.zero_stage == 3):
-        # Evaluation and final/ run on rank 0 with the whole model; sharded weights would need every rank.
-        raise TrainingError(
-            "launcher.config_file: FSDP and DeepSpeed ZeRO-3 shard the weights, which polmctl's "
-            "evaluation and final/ save do not gather yet; use ddp or deepspeed_zero2"
-        )
-    if kind == DistributedType.DEEPSPEED:
+def check_strategy_fits(strategy: Strategy, cfg: TrainerConfig, after_step: Sequence[Callable]) -> None:
+    """What this loop does not combine with the strategy, said before anything is sharded."""
+    if strategy.deepspeed:
         if cfg.grad_accum > 1:
             # accelerate's DeepSpeed wrapper steps the engine after every backward outside accelerator.accumulate.
             raise TrainingError(
@@ -93,9 +110,21 @@ def check_distributed_type(acc: Accelerator, cfg: TrainerConfig) -> None:
             )
         if cfg.save_every:
             raise TrainingError(
-                "trainer.save_every: under DeepSpeed the optimizer state is sharded over ranks and "
-                "checkpoints/ keeps rank 0's only; set trainer.save_every=0 (final/ is still written)"
+                "trainer.save_every: DeepSpeed's own checkpoints are pickles (polmctl never unpickles a "
+                "checkpoint) and checkpoints/ would keep rank 0's optimizer shard only; set "
+                "trainer.save_every=0 (final/ is still written, gathered on rank 0)"
             )
+    if strategy.sharded and after_step:
+        raise TrainingError(
+            f"{strategy.requested} shards the weights, and this run changes them after every optimizer step "
+            "(trainer.keep_sparsity or peft.method=adalora), which polmctl does on whole weights only; "
+            "drop that option or use launcher.config_file=ddp"
+        )
+    if strategy.sharded and cfg.optimizer == "adamw_8bit":
+        raise TrainingError(
+            f"trainer.optimizer: adamw_8bit (bitsandbytes) is not run on sharded weights ({strategy.requested}) "
+            "by polmctl; use trainer.optimizer=adamw"
+        )
 
 
 class Trainer:
@@ -124,13 +153,14 @@ class Trainer:
         self.cfg, self.objective = cfg, objective
         self.tokenizer = tokenizer
         self.run_dir, self.acc, self.progress = run_dir, accelerator, progress
-        check_distributed_type(accelerator, cfg)
-        self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
-        # The scheduler is stepped by hand once per optimizer step, so it is not prepared.
-        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
-        if isinstance(self.model, DistributedDataParallel):
-            self.model.__class__ = ModelAttributesDDP
+        self.strategy = run_strategy(accelerator)
+        check_strategy_fits(self.strategy, cfg, after_step)
+        self.model = model
+        self.skeleton: torch.nn.Module | None = None  # a sharded model's layout on the meta device
+        self.micro: FSDPMicroBatch | None = None
+        self.prepared = False
+        if not self.strategy.sharded:  # a sharded model is prepared when fit() starts
+            self.prepare()
         self.batches = batches or OfflineBatches(
             examples,
             collate,
@@ -157,17 +187,81 @@ class Trainer:
         self.after_step = list(after_step)
         self.record = dict(record or {})
 
+    # -- the model under its strategy ---------------------------------------------------------
+    def prepare(self) -> None:
+        """Optimizer, schedule and the model under the run's strategy; stops if the strategy that
+        came out is not the one requested (docs/distributed.md)."""
+        if self.prepared:
+            return
+        model, cfg, acc, strategy = self.model, self.cfg, self.acc, self.strategy
+        if strategy.sharded:
+            self.skeleton = meta_skeleton(model)
+        if strategy.requested == "fsdp2" and acc.distributed_type != DistributedType.FSDP:
+            # accelerate applies FSDP on GPUs only (engine/sharding.py): torch's fully_shard, here.
+            plugin = fsdp_plugin()
+            check_fsdp_on_cpu(plugin, model, acc.mixed_precision)
+            strategy.details["wrapped"] = shard_fsdp2(model, plugin, acc.mixed_precision)
+            strategy.applied_by = "polmctl (torch fully_shard; accelerate applies FSDP on GPUs only)"
+            self.optimizer = build_optimizer(model, cfg)  # after fully_shard: over the sharded parameters
+            self.scheduler = build_scheduler(self.optimizer, cfg)
+        else:
+            if strategy.requested == "fsdp2":
+                check_plugin_dtypes(model, acc.mixed_precision)
+            if strategy.deepspeed:
+                # No dataloader goes through prepare() (batches are polmctl's), so DeepSpeed learns it here.
+                acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+            self.optimizer = build_optimizer(model, cfg)
+            self.scheduler = build_scheduler(self.optimizer, cfg)
+            # The scheduler is stepped by hand once per optimizer step, so it is not prepared.
+            self.model, self.optimizer = acc.prepare(model, self.optimizer)
+            strategy.applied_by = "accelerate" if strategy.requested != "single" else None
+            if strategy.requested == "fsdp2":
+                plugin = acc.state.fsdp_plugin
+                strategy.details["wrapped"] = sorted(plugin.transformer_cls_names_to_wrap or layer_classes(model))
+        strategy.confirm(self.model)
+        if isinstance(self.model, DistributedDataParallel):
+            self.model.__class__ = ModelAttributesDDP
+        if strategy.requested == "fsdp2":
+            initialise_root(self.model, acc.device)
+            self.micro = FSDPMicroBatch(self.model)
+        self.prepared = True
+
+    def full_model(self) -> torch.nn.Module | None:
+        """The trained model with whole weights, for final/ and evaluation: on rank 0 of a sharded
+        run the weights are gathered into a copy of the model on the CPU (None on the other ranks;
+        every rank must call it). Otherwise the model itself."""
+        if not self.strategy.sharded:
+            return self.acc.unwrap_model(self.model)
+        if self.strategy.requested == "fsdp2":
+            return gather_full_model(self.model, self.skeleton, self.acc.is_main_process)
+        full = self.acc.get_state_dict(self.model)  # ZeRO-3: gathered on rank 0 (zero3_save_16bit_model)
+        return fill_skeleton(self.skeleton, full) if self.acc.is_main_process else None
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer under accelerate's wrapper, for torch's sharded state dict."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
     # -- state ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.batches.state_dict(),
-        }
+        state = {"scheduler": self.scheduler.state_dict(), "sampler": self.batches.state_dict()}
+        if self.strategy.requested != "fsdp2":  # FSDP2: sharded, in the checkpoint's sharded/
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def resume_from(self, path: Path) -> None:
-        state = load_checkpoint(path, self.acc.unwrap_model(self.model))
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded_run = self.strategy.requested == "fsdp2"
+        if is_sharded_checkpoint(path) != sharded_run:
+            written = "a sharded run (FSDP2)" if is_sharded_checkpoint(path) else "an unsharded run"
+            raise TrainingError(
+                f"resume: {path} was written by {written}; resume it with the strategy that wrote it "
+                f"(launcher.config_file{'=fsdp' if is_sharded_checkpoint(path) else ': not fsdp'}), or export it "
+                f"with polmctl export {path}"
+            )
+        if sharded_run:
+            state = load_sharded_checkpoint(path, self.model, self._optimizer())
+        else:
+            state = load_checkpoint(path, self.acc.unwrap_model(self.model))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["sampler"])
         per_rank = state.get("rng_per_rank") or []
@@ -181,7 +275,21 @@ class Trainer:
         if self.acc.num_processes > 1:
             state["rng_per_rank"] = gather_object([rng_state()])
         path = None
-        if self.acc.is_main_process:
+        if self.strategy.requested == "fsdp2":  # every rank writes its shard
+            path = save_sharded_checkpoint(
+                self.run_dir / "checkpoints",
+                self.step,
+                self.model,
+                self._optimizer(),
+                state,
+                self.cfg.keep_last,
+                tmp_pid=broadcast_object_list([os.getpid()])[0],
+                is_main=self.acc.is_main_process,
+                barrier=self.acc.wait_for_everyone,
+                tokenizer=self.tokenizer,
+                files=self.record,
+            )
+        elif self.acc.is_main_process:
             path = save_checkpoint(
                 self.run_dir / "checkpoints",
                 self.step,
@@ -255,9 +363,13 @@ class Trainer:
         for k, batch in enumerate(batches):
             batch = {key: v.to(self.acc.device) for key, v in batch.items()}
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            sync = contextlib.nullcontext() if k == len(batches) - 1 else self.acc.no_sync(self.model)
+            last = k == len(batches) - 1
+            # FSDP2 reduce-scatters every micro-batch's gradients into their shards (no unsharded copy kept).
+            sync = contextlib.nullcontext() if last or self.strategy.sharded else self.acc.no_sync(self.model)
+            micro = self.micro or _NoMicroBatch
             with sync, self.acc.autocast():
-                terms = self.objective(self.model, batch)
+                with micro.forward():
+                    terms = self.objective(self.model, batch)
                 loss = terms.loss_sum / weight
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -265,7 +377,8 @@ class Trainer:
                         f"applied. Last good checkpoint: {self._last_checkpoint()}. Lower trainer.lr, raise "
                         "trainer.warmup_steps, or set model.dtype=float32"
                     )
-                self.acc.backward(loss)
+                with micro.backward():
+                    self.acc.backward(loss)
             loss_total += loss.item()
             for name, value in terms.metrics.items():  # a (sum, count) pair is a mean over its own count
                 total, count = value if isinstance(value, tuple) else (value, None)
@@ -325,8 +438,10 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, resume: Path | None = None) -> FitResult:
-        if self.acc.is_main_process:  # saves a killed run left half-written
-            for note in remove_interrupted_saves(self.run_dir / "checkpoints"):
+        self.prepare()
+        if self.acc.is_main_process:
+            logger.info(self.strategy.line())  # Hydra's job logging: the terminal and the run's polmctl.log
+            for note in remove_interrupted_saves(self.run_dir / "checkpoints"):  # saves a killed run left half-written
                 console.print(note, markup=False, highlight=False, soft_wrap=True)
         if resume is not None:
             self.resume_from(resume)
@@ -366,3 +481,9 @@ class Trainer:
             tokens_per_s=total_tokens / wall if wall > 0 else 0.0,
             resumed_from=str(resume) if resume else None,
         )
+
+
+class _NoMicroBatch:
+    """FSDPMicroBatch's contexts where there is no FSDP model: nothing to do."""
+
+    forward = backward = staticmethod(contextlib.nullcontext)

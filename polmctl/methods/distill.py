@@ -58,8 +58,9 @@ class DistillMethod(SamplingOptions):
         "dir (its final/); it must share the student's tokenizer",
     )
     teacher_dtype: str = option(
-        "auto",
-        "the teacher's weights dtype: auto (bf16 on GPUs that support it, else fp32) | float32 | bfloat16 | float16",
+        "auto_gpu",
+        "the teacher's weights dtype: auto_gpu (bf16 on CUDA GPUs of compute capability >= 8.0, else fp32) | "
+        "auto (also bf16 on CPUs with AVX512-BF16 or AMX-BF16) | float32 | bfloat16 | float16",
     )
     teacher_quantization: str = option("none", "load the teacher quantized with bitsandbytes: none | nf4 | fp4 | int8")
     loss: str = option(
@@ -84,7 +85,7 @@ class DistillMethod(SamplingOptions):
     def check(self, section: str) -> None:
         if not self.teacher:
             raise ConfigError(f"{section}.teacher", "is empty; give builtin:<name>, a hub id, a model dir or a run dir")
-        one_of(section, "teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16", "float16"))
+        one_of(section, "teacher_dtype", self.teacher_dtype, ("auto_gpu", "auto", "float32", "bfloat16", "float16"))
         one_of(section, "teacher_quantization", self.teacher_quantization, ("none", "nf4", "fp4", "int8"))
         one_of(section, "loss", self.loss, losses.LOSSES)
         for name in ("beta", "on_policy_fraction"):

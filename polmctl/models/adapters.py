@@ -100,10 +100,14 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None, *, examples=None, total_s
     ``none`` returns the model itself with every parameter trainable (full fine-tuning).
     A model that already carries a peft adapter (loaded from an adapter dir) is returned as
     it is, so training continues that adapter; its method must match ``cfg.method``.
+
+    Every trainable parameter comes back float32, whatever the weights' dtype (a bf16 model
+    computes in bf16: models/precision.py ``float32_trainables``).
     """
     from peft import PeftModel, get_peft_model
 
     from polmctl.models.fused_lora import fuse_lora_layers
+    from polmctl.models.precision import float32_trainables
 
     if cfg.method not in METHODS:
         raise ModelError(f"peft.method={cfg.method!r} is unknown; use one of {', '.join(METHODS)}")
@@ -115,6 +119,7 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None, *, examples=None, total_s
                 f"peft.method={loaded} to continue training it, or start from a merged or base model"
             )
         fuse_lora_layers(model)
+        float32_trainables(model)
         return model
     if cfg.method == "none":
         if getattr(model, "is_quantized", False):
@@ -125,6 +130,7 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None, *, examples=None, total_s
         for p in model.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
+        float32_trainables(model)  # a bf16 model: float32 weights, bf16 compute under autocast
         return model
     try:
         on_meta = _on_meta(model)  # built to count parameters: no weights, nothing to initialise from
@@ -148,6 +154,7 @@ def apply_peft(model, cfg: PeftConfig, tokenizer=None, *, examples=None, total_s
         pad = getattr(tokenizer, "pad_token_id", None)
         peft_variants.after_get_peft_model(adapted, cfg, examples=examples, pad_token_id=pad)
     fuse_lora_layers(adapted)  # LoRA's update added inside the matmul (models/fused_lora.py)
+    float32_trainables(adapted)  # what peft leaves in bf16: a copied score head, LN tuning's norms
     return adapted
 
 

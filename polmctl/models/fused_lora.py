@@ -9,12 +9,21 @@ base output in the matmul itself. Same function, same parameters and gradients u
 rounding (tests/models/test_fused_lora.py). Written as a peft ``LoraVariant``, peft's own hook
 for other LoRA forwards (DoRA is one), installed on layers that have no variant; merging is
 plain LoRA's (W + s B A), so merge_and_unload, export and merged sampling are unchanged.
-Falls back to peft's expression where addmm does not apply (a bias on B, dtypes that differ).
+Falls back to peft's expression where addmm does not apply (a bias on B).
+
+With a bf16 (or fp16) base and peft's float32 adapters the update is computed in the base's
+dtype, from the input as it comes and A and B cast down, as ``torch.autocast`` would: peft's
+own path casts the [tokens, hidden] input up for every adapted layer, adds a float32
+[tokens, out] product to the bf16 result and casts the sum back, which made bf16 LoRA steps
+slower than float32 ones on CPU. The parameters, their gradients and the optimizer state stay
+float32 (the casts of A and B are in the graph). peft's own input cast is switched off on the
+fused layers (``cast_input_dtype_enabled``, peft's knob for callers that cast themselves).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 
 
@@ -39,13 +48,18 @@ class FusedLoraVariant(LoraVariant):
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         scaling = module.scaling[active_adapter]
-        low_rank = lora_A(module.lora_dropout[active_adapter](x))
-        if lora_B.bias is not None or low_rank.dtype != result.dtype or lora_B.weight.dtype != result.dtype:
-            return result + lora_B(low_rank) * scaling  # peft's own expression
+        dropout = module.lora_dropout[active_adapter]
+        if lora_B.bias is not None:  # peft's own expression, in the adapters' dtype
+            return result + lora_B(lora_A(dropout(x.to(lora_A.weight.dtype)))) * scaling
+        compute = result.dtype  # float32 adapters on a bf16 base: A and B cast down, not x and result up
+        if lora_A.weight.dtype == compute:
+            low_rank = lora_A(dropout(x.to(compute)))  # the module itself, so its hooks see the call
+        else:
+            low_rank = F.linear(dropout(x.to(compute)), lora_A.weight.to(compute))
         out = torch.addmm(
             result.reshape(-1, result.size(-1)),
             low_rank.reshape(-1, low_rank.size(-1)),
-            lora_B.weight.t(),
+            lora_B.weight.to(compute).t(),
             alpha=scaling,
         )
         return out.view(result.shape)
@@ -64,4 +78,6 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
             if name not in module.lora_variant:
                 module.lora_variant[name] = FusedLoraVariant()
                 fused += 1
+        if all(isinstance(v, FusedLoraVariant) for v in module.lora_variant.values()):
+            module.cast_input_dtype_enabled = False  # the variant casts (see the module docstring)
     return fused

@@ -20,6 +20,7 @@ from polmctl.config.schema import ModelConfig
 from polmctl.errors import ModelError
 from polmctl.models.builtin import BUILTIN_MODELS, materialise_builtin
 from polmctl.models.hub import hub_or_cache
+from polmctl.models.precision import AUTO_DTYPES, LOW_PRECISION, choose_dtype, contiguous_head_input, say_dtype_choice
 from polmctl.models.replaced import is_replaced_dir, load_replaced
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -153,11 +154,10 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """model.dtype -> torch dtype; auto is bfloat16 on CUDA GPUs that support it, else float32."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return getattr(torch, name)
+    """model.dtype -> torch dtype; auto is bfloat16 where the hardware computes it fast (CUDA compute
+    capability >= 8.0, a CPU with AVX512-BF16 or AMX-BF16), else float32; auto_gpu (the default) the
+    same on GPUs, float32 on CPUs (models/precision.py)."""
+    return choose_dtype(name, torch.device(device))[0]
 
 
 def _check_device(device: torch.device) -> torch.device:
@@ -276,7 +276,9 @@ def load_model(
     if head not in HEADS:
         raise ModelError(f"unknown model head {head!r}; use one of {', '.join(HEADS)}")
     base_path = _adapter_base(path, cfg.cache_dir)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype, why = choose_dtype(cfg.dtype, device)
+    if cfg.dtype in AUTO_DTYPES:
+        say_dtype_choice(cfg.dtype, dtype, why)
     quant = quantization_config(cfg, device)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.attn_implementation:
@@ -302,6 +304,12 @@ def load_model(
         raise ModelError(f"cannot load {cfg.name_or_path}: {_first_line(err)}") from None
     if quant is None:
         model.to(device)
+    if dtype in LOW_PRECISION:
+        contiguous_head_input(model)  # no batched matmul against a copied LM head (its docstring)
+        if device.type == "cpu":
+            from polmctl.models.packed_attention import use_packed_attention
+
+            use_packed_attention(model)  # float32 attention where bf16's CPU backward is slow (its docstring)
     if for_training:
         if quant is not None:
             from peft import prepare_model_for_kbit_training

@@ -23,6 +23,14 @@ then causally to itself. The prefix's keys and values get the summed gradient of
 that reads them, so loss and gradients are the unshared pack's up to float rounding, for
 the prefix's cost once instead of once per row. Written here because transformers and
 PyTorch share a prefix only for generation (a KV cache without gradients).
+
+bf16 on CPU: PyTorch's flash-attention kernel for CPU runs its bf16 backward pass 2-3x slower
+than its float32 one below ~200 keys (SmolLM2's shapes, torch 2.13: 1.5 ms against 0.6 ms
+forward + backward at 64 keys, 3.1 against 1.7 at 128; faster from ~250 keys on), which made
+attention the largest cost of a bf16 LoRA step. So where gradients flow and the keys are few,
+``_sdpa`` runs attention in float32 and casts the result back; inference (reference log-probs,
+generation) keeps the bf16 kernel, which is faster in its forward pass at every length. A bf16
+model on CPU is switched to this attention at load (models/load.py) for padded batches too.
 """
 
 from __future__ import annotations
@@ -32,6 +40,35 @@ import torch
 from polmctl.losses import IGNORE_INDEX
 
 NAME = "polmctl_packed_sdpa"
+# Up to this many keys, attention with gradients on a bf16/fp16 CPU model runs in float32 (see above).
+CPU_FLOAT32_MAX_KEYS = 192
+
+
+def _in_float32(query: torch.Tensor, keys: int) -> bool:
+    """Whether attention over ``keys`` keys runs in float32 (see the module docstring)."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_grad_enabled()
+        and query.requires_grad
+        and keys <= CPU_FLOAT32_MAX_KEYS
+    )
+
+
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' ``sdpa_attention_forward``, in float32 for a short attention with gradients
+    on a low-precision CPU model."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not _in_float32(query, key.size(2)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # a full fine-tune's forward runs under autocast
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(query.dtype), weights
 
 
 def _runs(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -48,8 +85,6 @@ def packed_sdpa(
     """transformers' attention-function signature: query [B, H, T, D], key/value [B, H_kv, S, D];
     returns ([B, T, H, D], None). A batch of one packed row (position_ids restarting inside it, no
     cache) runs causal SDPA row by row; anything else is transformers' ``sdpa_attention_forward``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     positions = kwargs.get("position_ids")
     packed = (
         positions is not None
@@ -59,49 +94,52 @@ def packed_sdpa(
     )
     runs = _runs(positions) if packed else []
     if len(runs) <= 1:  # not packed, or one row only
-        return sdpa_attention_forward(
+        return _sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    rows, root, root_end = [], 0, 0
-    for a, b, first in runs:
+    dtype = query.dtype
+    if not _in_float32(query, max(first + b - a for a, b, first in runs)):
+        return _packed_rows(module, query, key, value, runs, dropout=dropout, scaling=scaling), None
+    with torch.autocast(query.device.type, enabled=False):  # the pack cast once, not row by row
+        out = _packed_rows(module, query.float(), key.float(), value.float(), runs, dropout=dropout, scaling=scaling)
+    return out.to(dtype), None
+
+
+def _packed_rows(module, query, key, value, runs: list[tuple[int, int, int]], **kwargs) -> torch.Tensor:
+    """Attention over each run of a pack: causal over a row of its own, or over the prefix it
+    continues then itself; [1, T, H, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    # One split per tensor, not a slice per run: a slice's backward writes its gradient into a
+    # zeroed tensor of the whole pack's size, once per run and layer (fill, copy and add over
+    # runs x T); the split's backward concatenates the pieces' gradients once.
+    sizes = [b - a for a, b, _ in runs]
+    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
+    rows, root = [], None
+    for i, (_, _, first) in enumerate(runs):
         if first == 0:  # a row of its own: causal over itself
-            root, root_end = a, b
+            root = i
             rows.append(
-                sdpa_attention_forward(
-                    module,
-                    query[:, :, a:b],
-                    key[:, :, a:b],
-                    value[:, :, a:b],
-                    None,
-                    dropout=dropout,
-                    scaling=scaling,
-                    is_causal=True,
-                )[0]
+                sdpa_attention_forward(module, queries[i], keys[i], values[i], None, is_causal=True, **kwargs)[0]
             )
             continue
-        if first > root_end - root:  # (also a pack whose first run does not start at 0)
+        root_tokens = 0 if root is None else sizes[root]
+        if first > root_tokens:  # (also a pack whose first run does not start at 0)
             raise ValueError(
                 f"packed_sdpa: a packed run starts at position {first}, but the row it would continue "
-                f"has {root_end - root} tokens; position_ids must restart at 0 for each row "
+                f"has {root_tokens} tokens; position_ids must restart at 0 for each row "
                 "(data/collate.py pack_collate) or continue a shared prefix (share_common_prefix)"
             )
         # A continuation of a shared prefix: the row's first `first` tokens, then itself, causally.
-        keys = torch.cat([key[:, :, root : root + first], key[:, :, a:b]], dim=2)
-        values = torch.cat([value[:, :, root : root + first], value[:, :, a:b]], dim=2)
-        visible = torch.ones(b - a, first + b - a, dtype=torch.bool, device=query.device).tril(diagonal=first)
+        seen_keys = torch.cat([keys[root][:, :, :first], keys[i]], dim=2)
+        seen_values = torch.cat([values[root][:, :, :first], values[i]], dim=2)
+        visible = torch.ones(sizes[i], first + sizes[i], dtype=torch.bool, device=query.device).tril(diagonal=first)
         rows.append(
             sdpa_attention_forward(
-                module,
-                query[:, :, a:b],
-                keys,
-                values,
-                visible[None, None],
-                dropout=dropout,
-                scaling=scaling,
-                is_causal=False,
+                module, queries[i], seen_keys, seen_values, visible[None, None], is_causal=False, **kwargs
             )[0]
         )
-    return torch.cat(rows, dim=1), None
+    return torch.cat(rows, dim=1)
 
 
 def common_prefix_length(sequences: list) -> int:

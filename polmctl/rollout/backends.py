@@ -15,8 +15,11 @@ explains how stop strings are matched); nothing after it, no padding.
 ``TransformersBackend`` prefills each prompt once and lets its G samples share that KV cache,
 and samples from a float32 LoRA policy with its adapters merged into the base weights
 (``merged_lora``; off with ``method.merge_adapters_for_sampling=false``);
-``VLLMBackend`` runs vLLM in the training process and copies the policy's weights into it
-before every sampling call.
+``VLLMBackend`` runs vLLM in the training process (``method.vllm_mode=colocate``), copies the
+policy's weights into it before every sampling call, and with ``method.vllm_sleep_mode`` puts it to
+sleep between rollouts (its weights and KV cache freed for training); ``RemoteBackend``
+(polmctl/rollout/client.py, ``method.vllm_mode=server``) asks a ``polmctl rollout-server`` over HTTP
+and pushes the policy's weights to it when they changed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from polmctl.rollout.generate import (
     generation_mode,
     stop_criteria,
 )
+from polmctl.rollout.weights import base_weights, is_peft
 
 VLLM_MISSING = (
     "method.generation_backend=vllm: vLLM is not installed; install it with "
@@ -56,17 +60,37 @@ class GenerationBackend(Protocol):
 
 
 def make_backend(options) -> GenerationBackend:
-    """The backend ``options.generation_backend`` names (transformers when it names none)."""
+    """The backend ``options.generation_backend`` names (transformers when it names none); vllm in
+    ``options.vllm_mode``: colocate (this process) or server (a ``polmctl rollout-server``)."""
     name = getattr(options, "generation_backend", "transformers")
     if name == "transformers":
         return TransformersBackend()
     if name == "vllm":
-        return VLLMBackend(gpu_memory_utilization=getattr(options, "vllm_gpu_memory_utilization", 0.3))
+        if getattr(options, "vllm_mode", "colocate") == "server":
+            from polmctl.rollout.client import RemoteBackend
+
+            return RemoteBackend(options.vllm_server_url, timeout=options.vllm_server_timeout)
+        return VLLMBackend(
+            gpu_memory_utilization=getattr(options, "vllm_gpu_memory_utilization", 0.3),
+            sleep_mode=getattr(options, "vllm_sleep_mode", False),
+        )
     raise TrainingError(f"method.generation_backend: got {name!r}; allowed: transformers, vllm")
 
 
 def _stop(options) -> list[str]:
     return list(getattr(options, "stop", None) or [])
+
+
+def sampling_kwargs(options) -> dict:
+    """A method's sampling options as ``generate`` takes them (every backend's ``sample``)."""
+    return dict(
+        max_new_tokens=options.max_new_tokens,
+        do_sample=True,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=getattr(options, "top_k", 0),
+        stop=_stop(options),
+    )
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -76,6 +100,14 @@ def _forward_parameters(model) -> set[str]:
     """The keyword names the underlying transformers model's forward takes (through a peft wrapper)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]]):
+    """A padded batch (the tokenizer's padding side) of text prompts, tokenized without added
+    special tokens as training tokenizes them, or of prompts that are token ids already."""
+    if prompts and not isinstance(prompts[0], str):
+        return tokenizer.pad({"input_ids": [list(p) for p in prompts]}, return_tensors="pt", padding=True)
+    return tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
 
 
 def generate_groups(
@@ -88,8 +120,8 @@ def generate_groups(
     stop: Sequence[str] = (),
     **generate_kwargs,
 ):
-    """One ``model.generate`` call on every prompt repeated ``samples_per_prompt`` times
-    (grouped), returning what it returns and the prompt width (the new tokens start there).
+    """One ``model.generate`` call on every prompt (text, or token ids) repeated ``samples_per_prompt``
+    times (grouped), returning what it returns and the prompt width (the new tokens start there).
 
     With ``share_prefill``, each distinct prompt is prefilled once: all but its last token run
     through the model into a KV cache (left-padded batch, positions counted from the first real
@@ -104,7 +136,7 @@ def generate_groups(
 
     G = samples_per_prompt
     device = next(p for p in model.parameters()).device
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    enc = encode_prompts(tokenizer, prompts).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     width = ids.shape[1]
     kwargs = {
@@ -190,7 +222,15 @@ def merged_lora(model, enabled: bool = True) -> Iterator[bool]:
     if not layers:
         yield False
         return
-    model = _unwrap(model)
+    with merged_into_copies(_unwrap(model), layers):
+        yield True
+
+
+@contextmanager
+def merged_into_copies(model, layers: Sequence) -> Iterator[None]:
+    """For the duration, peft ``model``'s adapters merged (``merge_adapter``) into copies of the
+    base weights of its tuner ``layers``; afterwards the original tensors are put back, bit for
+    bit (see ``merged_lora`` for why not peft's unmerge)."""
     originals = []
     with torch.no_grad():
         for layer in layers:
@@ -199,7 +239,7 @@ def merged_lora(model, enabled: bool = True) -> Iterator[bool]:
                 p.data = p.data.clone()
         try:
             model.merge_adapter()
-            yield True
+            yield
         finally:
             model.unmerge_adapter()  # peft's bookkeeping: merged_adapters emptied, DoRA's cached norms dropped
             for p, data in originals:
@@ -219,18 +259,9 @@ class TransformersBackend:
         self.batch_size = batch_size
 
     def sample(self, model, tokenizer, prompts: list[str], samples_per_prompt: int, options) -> list[list[int]]:
+        merge = getattr(options, "merge_adapters_for_sampling", True)
         return self.generate(
-            model,
-            tokenizer,
-            prompts,
-            samples_per_prompt,
-            max_new_tokens=options.max_new_tokens,
-            do_sample=True,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=getattr(options, "top_k", 0),
-            stop=_stop(options),
-            merge_adapters=getattr(options, "merge_adapters_for_sampling", True),
+            model, tokenizer, prompts, samples_per_prompt, merge_adapters=merge, **sampling_kwargs(options)
         )
 
     @torch.no_grad()
@@ -238,7 +269,7 @@ class TransformersBackend:
         self,
         model,
         tokenizer,
-        prompts: Sequence[str],
+        prompts: Sequence[str] | Sequence[Sequence[int]],
         samples_per_prompt: int = 1,
         *,
         max_new_tokens: int,
@@ -249,7 +280,8 @@ class TransformersBackend:
         stop: Sequence[str] = (),
         merge_adapters: bool = True,
     ) -> list[list[int]]:
-        """Like ``sample`` with every knob explicit (``do_sample=False``: greedy)."""
+        """Like ``sample`` with every knob explicit (``do_sample=False``: greedy); ``prompts`` may be
+        token ids (not for prompt-learning adapters, which decode from text)."""
         G, stop = samples_per_prompt, list(stop)
         new_tokens: list[list[int]] = []
         with generation_mode(model, tokenizer) as device, merged_lora(model, merge_adapters):
@@ -289,12 +321,82 @@ class TransformersBackend:
 # -- vLLM -----------------------------------------------------------------------------------------
 
 
-def _import_vllm():
+def import_vllm():
     try:
         import vllm
     except ImportError:
         raise TrainingError(VLLM_MISSING) from None
     return vllm
+
+
+def start_vllm(vllm, path: str, *, dtype: str, gpu_memory_utilization: float, max_model_len: int | None, **extra):
+    """A vLLM engine on the model dir ``path`` whose worker runs in this process, so that
+    ``vllm_model`` reaches its weights: the external launcher (TRL's colocate mode) with in-process
+    engine core and torch.distributed's env:// variables, which accelerate/torchrun set when they
+    launched us and which default to one process here. ``extra``: more ``vllm.LLM`` arguments."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost")):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    return vllm.LLM(
+        model=path,
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        distributed_executor_backend="external_launcher",
+        seed=int(torch.initial_seed() % 2**31),
+        enable_prefix_caching=True,
+        # vLLM v1's memory profiler misjudges the default (TRL sets the same)
+        max_num_batched_tokens=4096,
+        **extra,
+    )
+
+
+def vllm_model(llm):
+    """The ``torch.nn.Module`` inside a ``start_vllm`` engine; its ``load_weights`` takes
+    ``(base model name, tensor)`` pairs (TRL's colocate mode loads weights the same way)."""
+    return llm.llm_engine.model_executor.driver_worker.model_runner.model
+
+
+def vllm_sampling_params(
+    vllm,
+    n: int,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+):
+    """vLLM's SamplingParams for these knobs, as the transformers backend reads them (greedy:
+    temperature 0, vLLM's greedy)."""
+    return vllm.SamplingParams(
+        n=n,
+        temperature=temperature if do_sample else 0.0,
+        top_p=top_p if do_sample else 1.0,
+        top_k=top_k if do_sample and top_k > 0 else -1,  # -1: vLLM's "off"
+        max_tokens=max_new_tokens,
+        stop=list(stop) or None,
+        include_stop_str_in_output=True,
+        **({"seed": seed} if seed is not None else {}),
+    )
+
+
+def vllm_completions(outputs, tokenizer, stop: Sequence[str]) -> list[list[int]]:
+    """``LLM.generate``'s outputs (in request order) as grouped completions: each sample's token ids,
+    with the end-of-sequence token it ended on, cut after the first stop string."""
+    eos, completions = tokenizer.eos_token_id, []
+    for request in outputs:
+        for sample in sorted(request.outputs, key=lambda o: o.index):
+            tokens = list(sample.token_ids)
+            # finish_reason "stop" with stop_reason None: it ended on EOS, which the ids must hold.
+            if sample.finish_reason == "stop" and sample.stop_reason is None and tokens[-1:] != [eos]:
+                tokens.append(eos)
+            completions.append(cut_completion(tokens, tokenizer, list(stop)))
+    return completions
 
 
 class VLLMBackend:
@@ -303,17 +405,26 @@ class VLLMBackend:
 
     The engine starts on the first ``sample`` from the policy's own model dir (a LoRA policy:
     its base model's) and keeps ``gpu_memory_utilization`` of the GPU for its weights and KV
-    cache; the rest stays with training. vLLM caches prompt prefixes itself, so a prompt's G
-    samples share their prefill here too. Not for quantized policies or prompt-learning adapters.
+    cache; the rest stays with training. With ``sleep_mode`` (TRL's ``vllm_enable_sleep_mode``) it
+    holds that memory only while it samples: between rollouts it sleeps at level 2 (weights and KV
+    cache freed), and each ``sample`` wakes its weights, loads the policy's, wakes the KV cache,
+    samples and puts it back to sleep, the order TRL's VLLMGeneration follows. vLLM caches prompt
+    prefixes itself, so a prompt's G samples share their prefill here too. Not for quantized
+    policies or prompt-learning adapters.
     """
 
-    def __init__(self, *, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None):
-        self.vllm = _import_vllm()
+    sleep_mode = False
+    llm = None
+
+    def __init__(
+        self, *, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, sleep_mode: bool = False
+    ):
+        self.vllm = import_vllm()
         if not torch.cuda.is_available():
             raise TrainingError(VLLM_NO_CUDA)
         self.gpu_memory_utilization = gpu_memory_utilization
         self.max_model_len = max_model_len
-        self.llm = None
+        self.sleep_mode = sleep_mode
 
     def sample(self, model, tokenizer, prompts: list[str], samples_per_prompt: int, options) -> list[list[int]]:
         model = _unwrap(model)
@@ -324,30 +435,30 @@ class VLLMBackend:
             )
         if self.llm is None:
             self.llm = self._start(model)
+        if self.sleep_mode:
+            torch.cuda.empty_cache()  # what training freed goes back to the driver before vLLM maps its weights
+            self.llm.wake_up(tags=["weights"])
         self._load_weights(model)
         stop = _stop(options)
-        top_k = getattr(options, "top_k", 0)
-        params = self.vllm.SamplingParams(
-            n=samples_per_prompt,
+        params = vllm_sampling_params(
+            self.vllm,
+            samples_per_prompt,
+            max_new_tokens=options.max_new_tokens,
             temperature=options.temperature,
             top_p=options.top_p,
-            top_k=top_k if top_k > 0 else -1,  # -1: vLLM's "off"
-            max_tokens=options.max_new_tokens,
-            stop=stop or None,
-            include_stop_str_in_output=True,
+            top_k=getattr(options, "top_k", 0),
+            stop=stop,
         )
         # Token ids, not text: vLLM would tokenize text with special tokens (a BOS) that training never sees.
         requests = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
-        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)  # in request order
-        eos, completions = tokenizer.eos_token_id, []
-        for request in outputs:
-            for sample in sorted(request.outputs, key=lambda o: o.index):
-                tokens = list(sample.token_ids)
-                # finish_reason "stop" with stop_reason None: it ended on EOS, which the ids must hold.
-                if sample.finish_reason == "stop" and sample.stop_reason is None and tokens[-1:] != [eos]:
-                    tokens.append(eos)
-                completions.append(cut_completion(tokens, tokenizer, stop))
-        return completions
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["kv_cache"])
+        try:
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)  # in request order
+        finally:
+            if self.sleep_mode:
+                self.llm.sleep(level=2)  # weights and KV cache freed: the next sample loads the policy's again
+        return vllm_completions(outputs, tokenizer, stop)
 
     def _start(self, model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -362,26 +473,24 @@ class VLLMBackend:
                 "method.generation_backend=vllm needs the policy's model dir to start vLLM from, "
                 "and this model has none; use method.generation_backend=transformers"
             )
-        # The external launcher runs vLLM's engine and its one worker in this process (TRL's
-        # colocate mode); it needs in-process engine core and torch.distributed's env:// variables,
-        # which accelerate/torchrun set when they launched us and which default to one process here.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost")):
-            os.environ.setdefault(name, value)
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+        if self.sleep_mode and not hasattr(self.vllm.LLM, "sleep"):
+            raise TrainingError(
+                "method.vllm_sleep_mode=true: this vLLM has no sleep mode; upgrade vLLM or "
+                "set method.vllm_sleep_mode=false"
+            )
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        return self.vllm.LLM(
-            model=path,
+        extra = {"enable_sleep_mode": True} if self.sleep_mode else {}
+        llm = start_vllm(
+            self.vllm,
+            path,
             dtype=dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
             max_model_len=self.max_model_len,
-            distributed_executor_backend="external_launcher",
-            seed=int(torch.initial_seed() % 2**31),
-            enable_prefix_caching=True,
-            # vLLM v1's memory profiler misjudges the default (TRL sets the same)
-            max_num_batched_tokens=4096,
+            **extra,
         )
+        if self.sleep_mode:
+            llm.sleep(level=2)  # asleep until the first rollout, as between rollouts
+        return llm
 
     @torch.no_grad()
     def _load_weights(self, model) -> None:
@@ -389,21 +498,15 @@ class VLLMBackend:
         (huggingface/trl trl/trainer/grpo_trainer.py @ d2b69d769dab6f77acbfd33252bcd7d22765571b;
         VLLMGeneration.sync_weights in trl/generation/vllm_generation.py @
         02bf6bcd3be58d928edd67b7a227235c6b599ee2): a LoRA policy is merged into its base weights,
-        sent under the base model's names (peft's ``base_model.model.`` prefix and ``.base_layer``
-        removed, the lora_ tensors skipped), then unmerged; then vLLM's prefix cache is reset, as
-        the cached prompt states belong to the old weights."""
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
+        sent under the base model's names (``weights.base_weights``: peft's ``base_model.model.``
+        prefix and ``.base_layer`` removed, the lora_ tensors skipped), then unmerged; then vLLM's
+        prefix cache is reset, as the cached prompt states belong to the old weights."""
+        engine_model = vllm_model(self.llm)
+        peft = is_peft(model)
         if peft:
             model.merge_adapter()
         try:
-            for name, param in model.named_parameters():
-                name = name.replace("_checkpoint_wrapped_module.", "")
-                if peft:
-                    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                    if model.prefix in name or "original_module" in name:  # prefix: "lora_"
-                        continue
-                    name = name.replace("modules_to_save.default.", "")
+            for name, param in base_weights(model):
                 engine_model.load_weights([(name, param.data)])
         finally:
             if peft:

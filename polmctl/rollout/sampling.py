@@ -2,6 +2,8 @@
 and ``sample_and_score``: sample completions of prompts and score them with reward functions.
 
     polmctl run recipe=grpo method.temperature=0.7 method.max_new_tokens=32 "method.stop=['\n\n']"
+    polmctl run recipe=grpo method.generation_backend=vllm method.vllm_mode=server \
+        method.vllm_server_url=http://127.0.0.1:8000      # with `polmctl rollout-server MODEL` running
 
 A method's dataclass inherits ``SamplingOptions`` so the same keys mean the same thing in
 every recipe, and ``sample_and_score`` reads them from there.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, List
+from urllib.parse import urlsplit
 
 import torch
 
@@ -23,6 +26,7 @@ from polmctl.rollout.reward_data import PROMPT_COLUMNS
 from polmctl.rollout.rewards import CombinedReward
 
 GENERATION_BACKENDS = ("transformers", "vllm")
+VLLM_MODES = ("colocate", "server")
 
 
 @dataclass
@@ -44,6 +48,24 @@ class SamplingOptions:
         "with generation_backend=vllm: share of the GPU's memory vLLM "
         "keeps for its weights and KV cache (the rest stays with training)",
     )
+    vllm_mode: str = option(
+        "colocate",
+        "with generation_backend=vllm: colocate (vLLM in the training process) | server (a `polmctl "
+        "rollout-server` at vllm_server_url samples, and the trainer pushes the policy's weights to it)",
+    )
+    vllm_server_url: str = option(
+        "http://127.0.0.1:8000", "with vllm_mode=server: the rollout server's address (http://host:port)"
+    )
+    vllm_server_timeout: float = option(
+        600.0,
+        "with vllm_mode=server: seconds to wait for the server to come up at the start, and for each "
+        "answer (a rollout, a weight push)",
+    )
+    vllm_sleep_mode: bool = option(
+        False,
+        "with vllm_mode=colocate: vLLM sleeps between rollouts, its weights and KV cache freed for "
+        "training, and wakes for each (TRL's vllm_enable_sleep_mode; CUDA)",
+    )
     merge_adapters_for_sampling: bool = option(
         True,
         "with generation_backend=transformers: sample from a float32 LoRA "
@@ -64,6 +86,34 @@ class SamplingOptions:
         if not 0 < self.vllm_gpu_memory_utilization < 1:
             raise ConfigError(
                 f"{section}.vllm_gpu_memory_utilization", f"must be in (0, 1), got {self.vllm_gpu_memory_utilization!r}"
+            )
+        self._check_vllm_mode(section)
+
+    def _check_vllm_mode(self, section: str) -> None:
+        one_of(section, "vllm_mode", self.vllm_mode, VLLM_MODES)
+        colocated = self.generation_backend == "vllm" and self.vllm_mode == "colocate"
+        if self.vllm_mode == "server" and self.generation_backend != "vllm":
+            raise ConfigError(
+                f"{section}.vllm_mode",
+                f"server samples through a rollout server, but generation_backend is "
+                f"{self.generation_backend!r}; set {section}.generation_backend=vllm",
+            )
+        if self.vllm_sleep_mode and not colocated:
+            raise ConfigError(
+                f"{section}.vllm_sleep_mode",
+                "puts a vLLM in the training process to sleep: it needs generation_backend=vllm with "
+                "vllm_mode=colocate (a rollout server keeps its own engine)",
+            )
+        positive(section, "vllm_server_timeout", self.vllm_server_timeout)
+        url = urlsplit(self.vllm_server_url)
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if url.scheme != "http" or not url.hostname or port is None or url.path not in ("", "/"):
+            raise ConfigError(
+                f"{section}.vllm_server_url",
+                f"must be http://host:port (the address `polmctl rollout-server` prints), got {self.vllm_server_url!r}",
             )
 
 

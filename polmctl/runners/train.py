@@ -5,7 +5,9 @@
 
 Writes into the run dir: metrics.jsonl, checkpoints/step-N/ (each with run_config.yaml: a resume
 with another model, peft or method is refused), final/, eval/*.jsonl, summary.json (final
-metrics, evaluation before/after, wall time, peak memory, tokens/s).
+metrics, evaluation before/after, wall time, peak memory, tokens/s, the distribution strategy
+that ran). With several processes rank 0 evaluates and writes final/; under a sharded strategy
+(FSDP2, ZeRO-3) every rank first takes part in gathering the whole weights onto rank 0.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from polmctl.config.schema import RunConfig
 from polmctl.console import console
 from polmctl.data import load_rows
 from polmctl.engine.checkpoint import resolve_resume
-from polmctl.engine.device import make_accelerator
+from polmctl.engine.device import make_accelerator, whole_model
 from polmctl.engine.metrics import peak_memory_mb
 from polmctl.engine.trainer import Trainer
 from polmctl.evals import evaluate_run
-from polmctl.methods.registry import build_objective
+from polmctl.methods.reference import Reference
+from polmctl.methods.registry import build_objective, method_spec
 from polmctl.models import apply_peft, cache_root, load_model, load_tokenizer, save_model, trainable_parameter_summary
 from polmctl.models.peft_variants import step_hooks
 from polmctl.rollout.cache import generation_cache
@@ -58,9 +61,14 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     examples, stats = objective.encode(rows, tokenizer, cfg.data)
     console.print(f"[bold]data[/] {cfg.data.source}: {stats.summary()}")
 
-    model = load_model(
-        cfg.model, device=acc.device, for_training=True, head=objective.model_head, pad_token_id=tokenizer.pad_token_id
-    )
+    with whole_model(acc):  # ZeRO-3 shards the model when the trainer prepares it, not as it loads
+        model = load_model(
+            cfg.model,
+            device=acc.device,
+            for_training=True,
+            head=objective.model_head,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     model = apply_peft(model, cfg.peft, tokenizer, examples=examples, total_steps=cfg.trainer.max_steps)
     # Modules that train beside the model (PPO's value head): attached, they are optimised,
     # checkpointed and resumed with it; the final model is saved without them.
@@ -74,11 +82,10 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     )
 
     # Several processes: rank 0 evaluates and writes eval/, the others wait for it.
-    before = (
-        evaluate_run(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None)
-        if cfg.eval.before and acc.is_main_process
-        else None
-    )
+    before = None
+    if cfg.eval.before and acc.is_main_process:
+        with whole_model(acc):  # rank 0 alone generates: not in step with the other ranks
+            before = evaluate_run(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None)
     acc.wait_for_everyone()
     # Online methods (GRPO, ...) make their batches by sampling the policy as it trains; None: the examples.
     batches = objective.make_batches(examples, model=model, tokenizer=tokenizer, cfg=cfg, accelerator=acc)
@@ -112,16 +119,31 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         )
     if note:
         console.print(note)
+    rollout_reference = getattr(trainer.batches, "reference", None)
+    if (
+        trainer.strategy.sharded
+        and isinstance(rollout_reference, Reference)
+        and method_spec(cfg.method.name).second_model(cfg)
+    ):
+        # An online method's frozen reference is copied lazily at its first use; a sharded model cannot be
+        # copied, so the copy (whole, on every rank) is made here, before fit() shards the policy.
+        rollout_reference.freeze(model)
     if cfg.logger.trackers:
         acc.init_trackers(cfg.logger.project, config=_flat(asdict(cfg)))
     with generation_cache(model, cfg.generation):  # rollouts sample with the run's KV cache
         fit = trainer.fit(resume)
-    model = acc.unwrap_model(trainer.model)
+    # Sharded: every rank takes part in gathering the weights; rank 0 gets the whole model (on the CPU).
+    model = trainer.full_model()
     if acc.is_main_process:
+        model.to(acc.device)
+        heads = {name: getattr(model, name) for name in heads}  # the gathered copy's own heads
         save_model(
             model, tokenizer, run_dir / "final", merge_adapters=cfg.peft.merge_on_save, heads=heads, sparsity=sparsity
         )
-    after = evaluate_run(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks and acc.is_main_process else None
+    after = None
+    if cfg.eval.tasks and acc.is_main_process:
+        with whole_model(acc):  # the gathered copy, on rank 0 alone
+            after = evaluate_run(cfg, model, tokenizer, run_dir, "after")
     acc.wait_for_everyone()
     acc.end_training()
 
@@ -141,6 +163,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         "total_params": total,
         "data": asdict(stats),
         "resumed_from": fit.resumed_from,
+        "distributed": trainer.strategy.record(),
         "eval": {"before": before, "after": after},
     }
     if acc.is_main_process:

@@ -72,3 +72,45 @@ def test_alternating_rounds_follow_the_same_trajectory():
     assert len(result["trl"]["losses"]) == 2
     assert result["loss_trajectory_max_rel_diff"] < 1e-4
     assert result["speedup"] == pytest.approx(1 / result["ratio_polmctl_over_trl"])
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """TRL's bf16 side leaves accelerate's process-wide state at mixed_precision=bf16; later tests
+    in this process build Accelerators without it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_bf16_runs_both_sides_in_one_process_after_the_check(method, fresh_accelerate_state):
+    """--dtype bfloat16: the equivalence check builds TRL's bf16 trainer first, then both timed
+    sides are built in the same process (it stopped on "AcceleratorState has already been
+    initialized"); polmctl trains bf16 weights with float32 adapters, TRL under its bf16 autocast
+    (DPO's check stopped on float32 adapters meeting bf16 activations outside it)."""
+    import vs_trl
+    from accelerate.state import AcceleratorState
+
+    args = SimpleNamespace(
+        model="tiny",
+        dtype="bfloat16",
+        steps=1,
+        rounds=2,
+        warmup=0,
+        grpo_new_tokens=8,
+        trl_precompute_ref=False,
+        polmctl_plain_forward=False,
+        skip_check=False,
+        check_only=False,
+        no_rss=True,
+    )
+    result = vs_trl.bench_method(method, args, "installed", peak=1e11)
+    assert result["equivalence"]["same_tokens"]
+    assert result["equivalence"]["loss_rel_diff"] < 1e-2  # bf16 logits on both sides
+    for side in ("polmctl", "trl"):
+        assert result[side]["steps_timed"] == 2 and result[side]["median_step_s"] > 0
+    assert AcceleratorState().mixed_precision == "bf16"  # TRL's autocast was on while it stepped
+    assert result["loss_trajectory_max_rel_diff"] < 1e-2

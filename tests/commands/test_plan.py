@@ -149,3 +149,66 @@ def test_plan_fails_when_the_data_lacks_a_reward_column(tmp_path):
         "reward 'math_answer' (method.rewards[0]) reads the column 'answer', which the data lacks (columns: solution)"
         in " ".join(result.stderr.split())
     )
+
+
+# The tiny model by hand: hidden 64, MLP 128, 4 heads of 16 and 2 KV heads, vocabulary 260 (tied
+# head), 2 layers. A layer: q, o 64x64 + k, v 64x32 + MLP 3x64x128 + 2 norms of 64 = 36,992
+# parameters; outside the layers: embeddings 260x64 + the final norm 64 = 16,704. Float32.
+LAYER, OUTSIDE = 36_992 * 4, 16_704 * 4
+W = 2 * LAYER + OUTSIDE  # 362,752 bytes: weights, and gradients of a full fine-tune
+SHARDED = ["launcher=accelerate", "launcher.num_processes=2"]
+
+
+def test_per_rank_memory_divides_what_each_strategy_shards():
+    one = make_plan(["recipe=sft", *TINY])
+    assert one["memory"]["weights"] == W and "strategies" not in one
+    result = make_plan(["recipe=sft", *TINY, *SHARDED, "launcher.config_file=fsdp"])
+    assert result["processes"] == 2 and result["strategy"] == "fsdp2" and result["shared_memory"]
+    rows = {name: row["memory"] for name, row in result["strategies"].items()}
+    act = one["memory"]["activations"]
+    assert rows["ddp"] == {
+        "weights": W, "gradients": W, "optimizer state": 2 * W, "activations": act, "gradient buckets": W
+    }  # fmt: skip
+    assert rows["deepspeed_zero2"] == {"weights": W, "gradients": W // 2, "optimizer state": W, "activations": act}
+    sharded = {
+        "weights": W // 2, "gradients": W // 2, "optimizer state": W, "activations": act,
+        "gathered weights": OUTSIDE + 2 * LAYER,  # the root unit and two layers (one computing, one prefetched)
+    }  # fmt: skip
+    assert rows["fsdp2"] == rows["deepspeed_zero3"] == sharded
+    assert result["memory"] == sharded and result["total_bytes"] == sum(sharded.values())
+    assert "2 ranks sharing it: " in result["verdict_reason"]  # on CPU the ranks share the RAM
+
+    four = make_plan(["recipe=sft", *TINY, "launcher=accelerate", "launcher.num_processes=4"])
+    assert four["strategy"] == "ddp" and four["memory"]["gradient buckets"] == W
+    assert four["strategies"]["deepspeed_zero3"]["memory"]["weights"] == W // 4
+    assert four["strategies"]["deepspeed_zero2"]["memory"]["optimizer state"] == 2 * W // 4
+
+
+def test_lora_shards_only_the_adapters_gradients_and_optimizer_state():
+    one = make_plan(["recipe=lora", *TINY, "peft.r=4"])
+    lora = one["memory"]["gradients"]  # the adapters' float32 bytes
+    rows = make_plan(["recipe=lora", *TINY, "peft.r=4", *SHARDED, "launcher.config_file=deepspeed_zero3"])
+    zero3 = rows["strategies"]["deepspeed_zero3"]["memory"]
+    assert zero3["gradients"] == lora // 2 and zero3["optimizer state"] == lora
+    assert zero3["weights"] == -(-one["memory"]["weights"] // 2)
+
+
+def test_the_plan_names_a_strategy_that_fits_when_the_requested_one_does_not(monkeypatch):
+    args = ["recipe=sft", *TINY, "trainer.micro_batch_size=1", *SHARDED]
+    act = make_plan(args)["strategies"]["ddp"]["memory"]["activations"]
+    zero2 = 2 * (2.5 * W + act)  # two ranks on one machine's RAM
+    monkeypatch.setattr(plan_module, "free_memory", lambda device: (int(zero2 / plan_module.TIGHT_ABOVE) + 1, "test"))
+    result = make_plan(args)
+    assert result["strategy"] == "ddp" and result["verdict"] != "FITS"
+    assert result["strategies"]["deepspeed_zero2"]["verdict"] == "FITS"
+    assert result["strategy_hint"].startswith("launcher.config_file=deepspeed_zero2 fits")
+    monkeypatch.setattr(plan_module, "free_memory", lambda device: (W, "test"))
+    assert "no strategy fits" in make_plan(args)["strategy_hint"]
+
+
+def test_cli_plan_prints_a_row_per_strategy():
+    out = polmctl("plan", "recipe=sft", *TINY, *SHARDED, "launcher.config_file=fsdp")
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("ddp x 2", "fsdp2 x 2 (launcher.config_file)", "deepspeed_zero2 x 2", "deepspeed_zero3 x 2"):
+        assert name in out.stdout
+    assert "memory: total per rank" in out.stdout

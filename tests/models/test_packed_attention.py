@@ -149,3 +149,71 @@ def test_packing_is_refused_with_virtual_token_adapters(adapter):
     with pytest.raises(ConfigError, match="data.packing.*set data.packing=false"):
         validate(compose_config([f"recipe={adapter}", "data.packing=true"]))
     validate(compose_config([f"recipe={adapter}"]))  # the recipes themselves pad
+
+
+def _qkv(keys: int, grad: bool):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, keys, 16, dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+    return q, k, v
+
+
+def test_a_bf16_cpu_attention_with_gradients_runs_in_float32_when_keys_are_few():
+    from types import SimpleNamespace
+
+    from polmctl.models import packed_attention as pa
+
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True, training=True)
+    q, k, v = _qkv(24, grad=True)
+    assert pa._in_float32(q, 24) and not pa._in_float32(q, pa.CPU_FLOAT32_MAX_KEYS + 1)
+    with torch.no_grad():
+        assert not pa._in_float32(q, 24)  # inference keeps the bf16 kernel
+    out, _ = pa._sdpa(module, q, k, v, None, is_causal=True)
+    assert out.dtype == torch.bfloat16
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    expected, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None, is_causal=True)
+    torch.testing.assert_close(out, expected.to(torch.bfloat16))  # float32 math, cast once at the end
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
+
+
+def test_a_bf16_model_on_cpu_is_switched_to_the_packed_attention_at_load():
+    from polmctl.config.schema import ModelConfig
+    from polmctl.models import load_model
+
+    assert load_model(ModelConfig(name_or_path="builtin:tiny", dtype="bfloat16")).config._attn_implementation == NAME
+    assert load_model(ModelConfig(name_or_path="builtin:tiny", dtype="float32")).config._attn_implementation == "sdpa"
+
+
+def test_a_bf16_packed_batch_keeps_the_padded_batch_loss(tiny_tokenizer):
+    from polmctl.config.schema import ModelConfig
+    from polmctl.models import load_model
+
+    model = lora_model(load_model(ModelConfig(name_or_path="builtin:tiny", dtype="bfloat16")))
+    rows = examples(tiny_tokenizer)
+    packed, _ = loss_and_grad(model, pack_collate(rows))
+    padded, _ = loss_and_grad(model, pad_collate(rows, tiny_tokenizer.pad_token_id))
+    torch.testing.assert_close(packed, padded, rtol=2e-2, atol=2e-2)  # bf16 weights: rounding differs by layout
+
+
+def test_a_pack_is_split_once_per_tensor_not_sliced_per_row():
+    """A slice's backward zeroes and fills a gradient of the whole pack's size, per row and layer;
+    a split's backward concatenates the rows' gradients once."""
+    from types import SimpleNamespace
+
+    from polmctl.models.packed_attention import packed_sdpa
+
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True, training=True)
+    lengths = [5, 7, 6, 4]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    q, k, v = (torch.randn(1, 2, sum(lengths), 8, requires_grad=True) for _ in range(3))
+    out, _ = packed_sdpa(module, q, k, v, None, position_ids=positions)
+    names, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo += [parent for parent, _ in node.next_functions]
+    assert names.count("SplitWithSizesBackward0") == 3 and "SliceBackward0" not in names
