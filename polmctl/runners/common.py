@@ -229,6 +229,18 @@ def plain_causal_lm(model, verb: str, error: type[Exception] = ModelError):
     return model
 
 
+def calibration_record(cfg: RunConfig, n_rows: int, before, after) -> dict[str, Any]:
+    """summary.json's ``calibration``: the rows ``calibration_batches`` gave, and the perplexity on
+    them of the model before and after (``compress.prune.calibrate``'s results)."""
+    return {
+        "source": cfg.data.source,
+        "rows": n_rows,
+        "tokens": before.tokens,
+        "perplexity_before": before.perplexity,
+        "perplexity_after": after.perplexity,
+    }
+
+
 def calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
     """``method.calibration_rows`` rows of the run's data, every token labelled, in padded batches of
     ``method.calibration_batch_size`` (preference rows calibrate on prompt + chosen answer); and their count."""

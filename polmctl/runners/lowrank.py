@@ -24,7 +24,7 @@ from polmctl.engine.device import run_device
 from polmctl.engine.metrics import peak_memory_mb
 from polmctl.evals import evaluate_run
 from polmctl.models import load_model, load_tokenizer, save_model
-from polmctl.runners.common import begin, calibration_batches, eval_rows, finish, plain_causal_lm
+from polmctl.runners.common import begin, calibration_batches, calibration_record, eval_rows, finish, plain_causal_lm
 
 
 def run_lowrank(cfg: RunConfig) -> dict[str, Any]:
@@ -99,13 +99,7 @@ def run_lowrank(cfg: RunConfig) -> dict[str, Any]:
             "ratio": P.count_parameters(model) / params_before,
         },
         "mean_rank": sum(e["rank"] for e in factored.values()) / len(factored) if factored else None,
-        "calibration": {
-            "source": cfg.data.source,
-            "rows": n_rows,
-            "tokens": cal.tokens,
-            "perplexity_before": cal.perplexity,
-            "perplexity_after": cal_after.perplexity,
-        },
+        "calibration": calibration_record(cfg, n_rows, cal, cal_after),
         "eval": {"before": before, "after": after},
         "factor_time_s": factor_time,
         "wall_time_s": time.perf_counter() - started,
