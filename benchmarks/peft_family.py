@@ -44,16 +44,22 @@ QUICK = ["model=tiny", "trainer.max_steps=4", "data.max_rows=64", "eval.max_samp
 
 def run_row(name: str, overrides: list[str], out: Path, extra: list[str]) -> Path:
     run_dir = out / name.replace(" ", "_")
-    if (run_dir / "summary.json").is_file():
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
         return run_dir
     command = [sys.executable, "-m", "polmctl", "run", "recipe=lora", *overrides, *extra, f"hydra.run.dir={run_dir}"]
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    # One failing row must not lose the others: its table line says it failed (see its polmctl.log).
+    subprocess.run(command, check=False)
     return run_dir
 
 
 def row(name: str, run_dir: Path) -> dict:
+    if not (run_dir / "summary.json").is_file():
+        return {"adapter": name, "failed": True, "run_dir": str(run_dir)}
     summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("status") != "completed" or not summary.get("steps"):
+        return {"adapter": name, "failed": True, "status": summary.get("status"), "run_dir": str(run_dir)}
     before = (summary["eval"]["before"] or {}).get("arithmetic", {}).get("accuracy")
     after = (summary["eval"]["after"] or {}).get("arithmetic", {}).get("accuracy")
     return {
@@ -74,7 +80,12 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        acc = "-" if r["accuracy_after"] is None else f"{r['accuracy_after']:.2f} ({r['accuracy_before']:.2f})"
+        if r.get("failed"):
+            lines.append(f"| {r['adapter']} | failed: see {r['run_dir']}/polmctl.log | | | |")
+            continue
+        acc = "-" if r["accuracy_after"] is None else f"{r['accuracy_after']:.2f}"
+        if r["accuracy_before"] is not None:
+            acc += f" ({r['accuracy_before']:.2f})"
         lines.append(
             f"| {r['adapter']} | {r['trainable_params']:,} ({100 * r['trainable_share']:.3f}%) | "
             f"{r['step_time_s']:.2f} | {r['peak_memory_mb']:.0f} | {acc} |"
