@@ -79,9 +79,11 @@ def eval_rows(task: str, cfg: EvalConfig, data: DataConfig) -> list[dict]:
     the sources match, so evaluation asks the same kind of question training taught."""
     source = cfg.source or EVAL_TASKS[task][0]
     options = dict(data.options) if source == data.source else {}
-    return load_rows(
-        source, data.eval_split if source == data.source else "test", max_rows=cfg.max_samples, options=options or None
-    )
+    if source == data.source:
+        split = data.eval_split
+    else:  # a local file given as eval.source is the held-out set, whole (a file has one split: 'train')
+        split = "train" if cfg.source and Path(source).is_file() else "test"
+    return load_rows(source, split, max_rows=cfg.max_samples, options=options or None)
 
 
 def run_evals(
