@@ -11,6 +11,7 @@ either way summary.json says how the run ended.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import shlex
@@ -159,10 +160,25 @@ def main(args: Sequence[str] | None = None) -> None:
     missing = missing_plugin(sys.argv[1:])
     if missing:
         fail("missing plugin", missing)
-    from polmctl.launch import rank_arguments
+    from polmctl.launch import launched_world_size, rank_arguments
 
     sys.argv = [sys.argv[0], *rank_arguments(sys.argv[1:])]  # ranks > 0 leave .hydra/ and the log to rank 0
+    several = (launched_world_size() or 1) > 1
+    if several:  # `kill -USR1 <pid>` prints where every thread of a stuck rank is, to its stderr
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     hydra_main()
+    if several:
+        leave_rank()
+
+
+def leave_rank() -> NoReturn:
+    """A rank of a multi-process run that finished cleanly exits without the interpreter's teardown,
+    which would free the distributed objects the runner kept (engine.device.keep_until_exit says why
+    that can deadlock). Errors do not come here: they leave through SystemExit with their exit code."""
+    logging.shutdown()  # flushes and closes the log file handlers
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

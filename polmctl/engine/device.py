@@ -121,3 +121,19 @@ def run_device(trainer: TrainerConfig) -> str:
     if trainer.device != "auto":
         return trainer.device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# A rank's distributed objects, kept from being freed until the rank exits (keep_until_exit).
+_KEPT_UNTIL_EXIT: list[object] = []
+
+
+def keep_until_exit(*objects: object) -> None:
+    """Keep ``objects`` (the DDP-wrapped model, the trainer, the accelerator) alive until this rank
+    exits through ``entry.leave_rank``, whose ``os._exit`` skips their destructors.
+
+    Why: freeing the DDP model frees its Reducer and, with it, the gloo process group, whose C++
+    destructor joins gloo's work thread while holding the GIL; now and then that thread is still
+    freeing the last barrier's work, which drops a Python tensor and waits for the GIL: a deadlock
+    (seen with gdb in one rank of a finished run: ``~ProcessGroupGloo`` in ``thread.join`` and
+    ``AsyncBarrierWork::~AsyncBarrierWork`` in ``take_gil``). The run was complete; the launch never returned."""
+    _KEPT_UNTIL_EXIT.extend(objects)

@@ -24,7 +24,7 @@ from polmctl.config.schema import RunConfig
 from polmctl.console import console
 from polmctl.data import load_rows
 from polmctl.engine.checkpoint import resolve_resume
-from polmctl.engine.device import make_accelerator, whole_model
+from polmctl.engine.device import keep_until_exit, make_accelerator, whole_model
 from polmctl.engine.metrics import peak_memory_mb
 from polmctl.engine.trainer import Trainer
 from polmctl.evals import evaluate_run
@@ -146,6 +146,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
             after = evaluate_run(cfg, model, tokenizer, run_dir, "after")
     acc.wait_for_everyone()
     acc.end_training()
+    if acc.num_processes > 1:
+        keep_until_exit(trainer, model, batches, acc)
 
     summary = {
         "recipe": cfg.recipe.name,

@@ -12,9 +12,11 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -66,12 +68,19 @@ def run_two_processes(
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for child in [*psutil.Process(proc.pid).children(recursive=True), proc]:  # ranks first, then the launcher
+        children = psutil.Process(proc.pid).children(recursive=True)
+        for child in children:  # each polmctl rank prints its threads' stacks on SIGUSR1 (polmctl/entry.py)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "polmctl" in " ".join(child.cmdline()) and "RANK" in child.environ():
+                    child.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        for child in [*children, proc]:  # ranks first, then the launcher
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
         stdout, stderr = proc.communicate(timeout=60)
         pytest.fail(
-            f"the two-process run took over {timeout} s (every rank killed):\n" + stdout[-3000:] + stderr[-3000:]
+            f"the two-process run took over {timeout} s (every rank killed; stacks of the ranks still alive "
+            f"at the end):\n" + stdout[-3000:] + stderr[-12000:]
         )
     done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     assert done.returncode == 0 or not check, done.stdout[-3000:] + done.stderr[-3000:]
