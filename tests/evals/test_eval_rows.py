@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from polmctl.config.schema import DataConfig, EvalConfig
 from polmctl.evals import eval_rows
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_local_file_as_eval_source_is_read_whole(tmp_path):
