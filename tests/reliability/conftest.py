@@ -39,6 +39,13 @@ ARGS = [
 TIMEOUT = 240
 
 
+def _sigint_default() -> None:
+    """In the child before exec: Ctrl-C as a terminal delivers it. A test session started in the background of a
+    script (``cmd &`` without job control) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored,
+    so the run would never see the test's SIGINT (how the Ctrl-C test failed in two clean-clone runs)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """One ``polmctl run`` process (or a Python script that ends in polmctl.entry.main)."""
 
@@ -47,7 +54,9 @@ class Run:
         args = [*ARGS, *overrides, f"hydra.run.dir={run_dir}"]
         command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "polmctl", "run", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400", "POLMCTL_CACHE": str(cache)}
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_sigint_default
+        )
         self.pid = self.proc.pid
 
     def wait(self, timeout: float = TIMEOUT) -> tuple[int, str]:

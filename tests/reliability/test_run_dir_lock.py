@@ -133,11 +133,6 @@ def test_runs_shows_a_live_run_as_running(tmp_path, holder):
     assert read_run(run_dir).status == "incomplete"  # killed -9: nothing written, as before
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="in the full suite (two clean-clone runs, 2026-12-03) the first run's SIGINT was lost and it trained "
-    "all 1000 steps; alone it passes (8 of 8): under investigation, see the closing note of that day",
-)
 def test_a_second_run_stops_at_once_and_ctrl_c_says_how_to_resume(tmp_path, cache, reference):
     run_dir = tmp_path / "run"
     first = Run(run_dir, "trainer.max_steps=1000", cache=cache)  # still running whenever it is stopped
