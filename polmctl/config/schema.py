@@ -165,6 +165,9 @@ class PeftConfig:
     adalora_warmup: float = option(0.1, "adalora: fraction of trainer.max_steps at rank r before pruning (tinit)")
     adalora_final: float = option(0.2, "adalora: fraction of trainer.max_steps at the final ranks (tfinal)")
     adalora_interval: int = option(1, "adalora: optimizer steps between two rank re-allocations (deltaT)")
+    adalora_orth_reg_weight: float = option(
+        0.5, "adalora: weight of the orthogonality penalty on P and Q, logged as loss/adalora_orth (0: off)"
+    )
 
     def check(self, section: str) -> None:
         one_of(section, "method", self.method, PEFT_METHODS)
@@ -220,6 +223,11 @@ class PeftConfig:
                 raise ConfigError(
                     f"{section}.adalora_final",
                     "adalora_warmup + adalora_final leave no steps to prune ranks in; keep their sum below 1",
+                )
+            if self.adalora_orth_reg_weight < 0:
+                raise ConfigError(
+                    f"{section}.adalora_orth_reg_weight",
+                    f"must be >= 0 (0 turns it off), got {self.adalora_orth_reg_weight!r}",
                 )
 
 

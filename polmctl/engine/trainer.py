@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -99,8 +99,23 @@ class ModelAttributesDDP(DistributedDataParallel):
             return getattr(super().__getattr__("module"), name)
 
 
-def check_strategy_fits(strategy: Strategy, cfg: TrainerConfig, after_step: Sequence[Callable]) -> None:
+class Penalty(Protocol):
+    """A term of the trainable parameters alone, added to every step's loss (its gradient, and logged)."""
+
+    name: str
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor: ...
+
+
+def check_strategy_fits(
+    strategy: Strategy, cfg: TrainerConfig, after_step: Sequence[Callable], penalties: Sequence[Penalty] = ()
+) -> None:
     """What this loop does not combine with the strategy, said before anything is sharded."""
+    if (strategy.sharded or strategy.deepspeed) and penalties:
+        raise TrainingError(
+            f"{strategy.requested} keeps the gradients where this loop cannot add {penalties[0].name} to them "
+            "(a penalty of the trainable weights: peft.method=adalora); use launcher.config_file=ddp or one process"
+        )
     if strategy.deepspeed:
         if cfg.grad_accum > 1:
             # accelerate's DeepSpeed wrapper steps the engine after every backward outside accelerator.accumulate.
@@ -144,17 +159,20 @@ class Trainer:
         tokenizer=None,
         batches: BatchSource | None = None,
         after_step: Sequence[Callable[[torch.nn.Module], None]] = (),
+        penalties: Sequence[Penalty] = (),
         record: dict[str, str] | None = None,
     ):
         """``examples`` + ``collate`` for offline methods, or ``batches``: the method's own
         BatchSource (online RL). ``after_step``: functions of the unwrapped model called after
-        every optimizer step (a pruned model's zeros, re-applied). ``record``: text files every
+        every optimizer step (a pruned model's zeros, re-applied). ``penalties``: terms of the
+        trainable parameters alone (AdaLoRA's orthogonality), added once a step to the gradient and
+        logged as loss/<name>. ``record``: text files every
         checkpoint keeps (relative path -> text: what the run was, to check a resume against)."""
         self.cfg, self.objective = cfg, objective
         self.tokenizer = tokenizer
         self.run_dir, self.acc, self.progress = run_dir, accelerator, progress
         self.strategy = run_strategy(accelerator)
-        check_strategy_fits(self.strategy, cfg, after_step)
+        check_strategy_fits(self.strategy, cfg, after_step, penalties)
         self.model = model
         self.skeleton: torch.nn.Module | None = None  # a sharded model's layout on the meta device
         self.micro: FSDPMicroBatch | None = None
@@ -185,6 +203,7 @@ class Trainer:
             )
         self.step = 0
         self.after_step = list(after_step)
+        self.penalties = list(penalties)
         self.record = dict(record or {})
 
     # -- the model under its strategy ---------------------------------------------------------
@@ -323,6 +342,7 @@ class Trainer:
                     raise
             # Retried outside the except block, so the failed attempt's activations are freed first.
             batches = self._halve_micro_batch(len(batches))
+        penalty_metrics = self._add_penalties()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm or float("inf")
         grad_norm = self.acc.clip_grad_norm_(params, max_norm)
@@ -352,10 +372,30 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": tokens,
             **means,
+            **penalty_metrics,
             **source_metrics,
             "batch_time_s": batch_time,
             "update_time_s": time.perf_counter() - started - batch_time,
         }
+
+    def _add_penalties(self) -> dict[str, float]:
+        """Each penalty's gradient, added to the accumulated one. A penalty of the parameters alone is
+        the same for every micro-batch, so adding it once a step equals adding it to each micro-batch's
+        mean loss. torch.autograd.grad, not backward: it leaves DDP's gradient hooks alone (every rank
+        holds the same parameters, so every rank adds the same gradient)."""
+        if not self.penalties:
+            return {}
+        model = self.acc.unwrap_model(self.model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        logged = {}
+        for penalty in self.penalties:
+            value = penalty(model)
+            grads = torch.autograd.grad(value, params, allow_unused=True)
+            for param, grad in zip(params, grads):
+                if grad is not None:
+                    param.grad = grad.to(param.dtype) if param.grad is None else param.grad.add_(grad)
+            logged[f"loss/{penalty.name}"] = value.item()
+        return logged
 
     def _accumulate(self, batches: list[dict], weight: torch.Tensor) -> tuple[float, dict, dict, int]:
         """Forward and backward every micro-batch of the step; gradients sync on the last one."""

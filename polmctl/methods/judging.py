@@ -92,12 +92,13 @@ def build_judge(method, *, tokenizer, model_cfg: ModelConfig, device, reference:
             mode=method.judge_mode,
             template=method.judge_template,
             swap=method.judge_swap,
+            position=method.judge_position,
             min_label_prob=method.judge_min_label_prob,
             batch_size=method.judge_batch_size,
         )
     except ValueError as err:
         raise ConfigError("method.judge_model", f"{method.judge_model}: {err}") from None
-    swap = ", both orders" if method.judge_mode == "pairwise" and method.judge_swap else ""
+    swap = f", both orders ({method.judge_position})" if method.judge_mode == "pairwise" and method.judge_swap else ""
     return ModelJudge(llm, runner), f"judge: {what}, {method.judge_mode}{swap}, by label probabilities"
 
 

@@ -16,7 +16,8 @@ Features and the flag that controls each:
                                    a model dir, policy or reference (judge=llm; reference: the model this run
                                    started from, no second copy)
   LLM rubric                       method.judge_mode: pairwise | score, method.judge_template
-  position swapping                method.judge_swap (pairwise: both orders, inconsistent verdicts are ties)
+  position swapping                method.judge_swap (pairwise: both orders), method.judge_position: agree
+                                   (inconsistent verdicts are ties) | average (balanced position calibration)
   unparseable scores               method.judge_min_label_prob (score: less label mass -> no score, counted)
   ties                             method.skip_ties (true: a group scored all equal is skipped; false: TRL's rule)
   answers cut off                  method.missing_eos_penalty (subtracted from scores; not with a pairwise judge)
@@ -59,7 +60,7 @@ from polmctl.methods.judging import POLICY, REFERENCE, build_judge
 from polmctl.methods.preference import DPOMethod, PairwiseObjective
 from polmctl.models.forward import sequence_logps
 from polmctl.rollout.backends import make_backend
-from polmctl.rollout.judges import JUDGE_MODES, template_problem
+from polmctl.rollout.judges import JUDGE_MODES, JUDGE_POSITIONS, template_problem
 from polmctl.rollout.reward_data import check_reward_data
 from polmctl.rollout.rewards import math_answer
 from polmctl.rollout.sampling import SamplingOptions
@@ -93,7 +94,12 @@ class OnlineDPOMethod(SamplingOptions):
         "(score); empty: the mode's default (polmctl/rollout/judges.py)",
     )
     judge_swap: bool = option(
-        True, "judge=llm pairwise: ask in both orders and keep only the verdicts both agree on (position bias)"
+        True, "judge=llm pairwise: ask in both orders (position bias), combined by judge_position"
+    )
+    judge_position: str = option(
+        "agree",
+        "judge=llm pairwise, both orders: agree (a verdict counts where both orders agree, others are ties) | "
+        "average (the mean over both orders of P(answer better) against 1/2: balanced position calibration)",
     )
     judge_min_label_prob: float = option(
         0.5, "judge=llm score: a reply less likely than this to start with a score 1-10 is unparseable (skipped)"
@@ -142,6 +148,7 @@ class OnlineDPOMethod(SamplingOptions):
                 f"{section}.judge_model", "is empty; give builtin:<name>, a model dir, policy or reference"
             )
         one_of(section, "judge_mode", self.judge_mode, JUDGE_MODES)
+        one_of(section, "judge_position", self.judge_position, JUDGE_POSITIONS)
         problem = self.judge_template and template_problem(self.judge_template, self.judge_mode)
         if problem:
             raise ConfigError(f"{section}.judge_template", problem)

@@ -11,8 +11,8 @@ Around peft itself:
     ``update_and_allocate(step)`` after every optimizer step, through the trainer's after_step hooks
     (installed by the train runner, the one place hooks come from). peft adds AdaLoRA's
     orthogonality penalty only to a loss the model computes from ``labels``; polmctl's objectives
-    compute theirs from the logits, so that penalty is not applied (the SVD-form update and the
-    budget schedule are).
+    compute theirs from the logits, so ``AdaLoraOrthogonality`` computes the same term and the trainer
+    adds it to every step (``peft.adalora_orth_reg_weight``).
   - PiSSA and OLoRA move the top singular directions of W out of the base weights into the adapter.
     The adapter as trained only fits that residual base, so ``initial_adapter`` keeps its starting
     weights and ``models.save`` writes final/ as the plain LoRA update from the original base
@@ -81,6 +81,7 @@ def variant_config(cfg: PeftConfig, task, total_steps: int | None):
             target_r=cfg.adalora_target_r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
+            orth_reg_weight=cfg.adalora_orth_reg_weight,
             **adalora_schedule(cfg, total_steps),
         )
     if m == "ln_tuning":
@@ -193,6 +194,33 @@ class AdaLoraBudget:
             )
         model.base_model.update_and_allocate(self.step)
         self.step += 1
+
+
+class AdaLoraOrthogonality:
+    """AdaLoRA's regulariser R(P, Q) = mean over the adapter's P and Q matrices of ||P P^T - I||_F and
+    ||Q^T Q - I||_F (Zhang et al., 2023, eq. 4), times peft's orth_reg_weight. Written here because peft
+    computes it only inside AdaLoraModel.forward, on a loss the model computed from ``labels``
+    (peft/tuners/adalora/model.py); this is that code, in float32."""
+
+    name = "adalora_orth"
+
+    def __call__(self, model) -> torch.Tensor:
+        adapter = model.base_model.trainable_adapter_name
+        weight = model.peft_config[adapter].orth_reg_weight
+        norms = []
+        for name, p in model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and adapter in name and p.requires_grad:
+                p = p.float()
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                norms.append(torch.linalg.matrix_norm(cov - torch.eye(len(cov), device=cov.device)))
+        return weight * torch.stack(norms).mean()
+
+
+def step_penalties(model) -> list[AdaLoraOrthogonality]:
+    """The penalties the model's adapter adds to every step's loss (AdaLoRA's orthogonality), for the trainer."""
+    config = getattr(model, "active_peft_config", None)
+    kind = getattr(getattr(config, "peft_type", None), "value", None)
+    return [AdaLoraOrthogonality()] if kind == "ADALORA" and config.orth_reg_weight > 0 else []
 
 
 def step_hooks(model) -> list[Callable[[torch.nn.Module], None]]:

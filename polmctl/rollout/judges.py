@@ -13,9 +13,14 @@ another's ("1" and "10" when digits are separate tokens), P("1") counts only rep
 go on to "10", so the label probabilities are those of distinct replies and sum to the
 probability that the reply starts with a label.
 
-Pairwise: the judge is asked in both orders (A = i, B = j, then A = j, B = i); a verdict counts
-only when both orders agree, otherwise the comparison is inconsistent (counted) and scores as a
-tie. With k answers per prompt every pair is compared (identical answers tie without a query), and
+Pairwise: the judge is asked in both orders (A = i, B = j, then A = j, B = i). With
+``position="agree"`` a verdict counts only when both orders agree, otherwise the comparison is
+inconsistent (counted) and scores as a tie. With ``position="average"`` (balanced position
+calibration, Wang et al., 2023, "Large Language Models are not Fair Evaluators") the verdict is the
+side of 1/2 of the mean over both orders of P(i is better), so a judge biased to one position still
+ranks by how much each answer moves its probabilities (SmolLM2-135M, asked which answer is better,
+picks the same letter in either order: under "agree" all its comparisons on arithmetic answers are
+ties). With k answers per prompt every pair is compared (identical answers tie without a query), and
 an answer's score is its wins plus half its ties (a Copeland score). Score: the expected score
 under the label probabilities, renormalised over the labels; a reply that is less likely than
 ``min_label_prob`` to start with a score label is unparseable: no score (NaN), counted.
@@ -34,6 +39,7 @@ from polmctl.losses import IGNORE_INDEX
 from polmctl.models.forward import token_logps
 
 JUDGE_MODES = ("pairwise", "score")
+JUDGE_POSITIONS = ("agree", "average")
 PAIRWISE_LABELS = ("A", "B")
 SCORE_LABELS = tuple(str(s) for s in range(1, 11))
 TEMPLATE_FIELDS = {"pairwise": ("prompt", "answer_a", "answer_b"), "score": ("prompt", "answer")}
@@ -130,16 +136,24 @@ def read_scores(probs: torch.Tensor, min_label_prob: float, values: Sequence[flo
     return torch.where(mass >= min_label_prob, scores, torch.full_like(scores, float("nan")))
 
 
-def pairwise_verdicts(first: torch.Tensor, swapped: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def pairwise_verdicts(
+    first: torch.Tensor, swapped: torch.Tensor | None, position: str = "agree"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Verdicts on n comparisons of answers i and j: +1 i is better, -1 j is, 0 a tie, from the
     label probabilities [n, 2] of (A, B) with i shown as A (``first``) and, when swapping, with j
     shown as A (``swapped``). Returns the verdicts and which comparisons were inconsistent (the two
-    orders disagree: a verdict that follows the position, not the answer); those are ties."""
+    orders disagree: a verdict that follows the position, not the answer). ``position``: ``agree``
+    makes those ties; ``average`` decides every comparison by sign(mean(P1(i), P2(i)) - 1/2), where
+    P1(i) = P(A) / (P(A) + P(B)) in the first order and P2(i) = P(B) / (P(A) + P(B)) in the swapped one."""
     in_order = torch.sign(first[:, 0] - first[:, 1])
     if swapped is None:
         return in_order, torch.zeros_like(in_order, dtype=torch.bool)
     reversed_order = torch.sign(swapped[:, 1] - swapped[:, 0])  # i is answer B there
     inconsistent = in_order != reversed_order
+    if position == "average":
+        tiny = torch.finfo(first.dtype).tiny
+        i_better = (first[:, 0] / first.sum(-1).clamp(min=tiny) + swapped[:, 1] / swapped.sum(-1).clamp(min=tiny)) / 2
+        return torch.sign(i_better - 0.5), inconsistent
     return torch.where(inconsistent, torch.zeros_like(in_order), in_order), inconsistent
 
 
@@ -168,12 +182,15 @@ class LLMJudge:
         mode: str,
         template: str = "",
         swap: bool = True,
+        position: str = "agree",
         min_label_prob: float = 0.5,
         batch_size: int = 8,
     ):
         if mode not in JUDGE_MODES:
             raise ValueError(f"judge mode {mode!r}; allowed: {', '.join(JUDGE_MODES)}")
-        self.tokenizer, self.mode, self.swap = tokenizer, mode, swap
+        if position not in JUDGE_POSITIONS:
+            raise ValueError(f"judge position rule {position!r}; allowed: {', '.join(JUDGE_POSITIONS)}")
+        self.tokenizer, self.mode, self.swap, self.position = tokenizer, mode, swap, position
         self.template = template or DEFAULT_TEMPLATES[mode]
         problem = template_problem(self.template, mode)
         if problem:
@@ -221,7 +238,7 @@ class LLMJudge:
                     swapped.append(self.query(prompt=text, answer_a=group[j], answer_b=group[i]))
         probs = self.probabilities(run, first + swapped) if first else torch.zeros(0, 2)
         n = len(first)
-        verdicts, inconsistent = pairwise_verdicts(probs[:n], probs[n:] if self.swap else None)
+        verdicts, inconsistent = pairwise_verdicts(probs[:n], probs[n:] if self.swap else None, self.position)
         table = torch.zeros(len(prompts), len(pairs))
         for (g, p), verdict in zip(asked, verdicts.tolist()):
             table[g, p] = verdict

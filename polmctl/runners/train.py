@@ -31,7 +31,7 @@ from polmctl.evals import evaluate_run
 from polmctl.methods.reference import Reference
 from polmctl.methods.registry import build_objective, method_spec
 from polmctl.models import apply_peft, cache_root, load_model, load_tokenizer, save_model, trainable_parameter_summary
-from polmctl.models.peft_variants import step_hooks
+from polmctl.models.peft_variants import step_hooks, step_penalties
 from polmctl.rollout.cache import generation_cache
 from polmctl.runners.common import check_resume, eval_rows, finish, run_record
 
@@ -105,6 +105,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         tokenizer=tokenizer,
         batches=batches,
         after_step=([sparsity.apply] if sparsity else []) + step_hooks(model),  # + AdaLoRA's rank budget
+        penalties=step_penalties(model),  # AdaLoRA's orthogonality
         record=record,
     )
     # Only the rows the run will visit: 60 steps over 2000 pairs need a quarter of them.

@@ -149,6 +149,7 @@ def test_agreement_with_the_verifiable_answer(judge, agreement):
         ({"judge": "llm", "judge_template": "{prompt} {answer}"}, "method.judge_template"),
         ({"judge": "llm", "judge_mode": "score", "judge_min_label_prob": 0.0}, "method.judge_min_label_prob"),
         ({"judge": "llm", "missing_eos_penalty": 1.0}, "method.missing_eos_penalty"),  # pairwise: no scores
+        ({"judge": "llm", "judge_position": "first"}, "method.judge_position"),
         ({"loss": "kto"}, "method.loss"),
         ({"label_smoothing": 0.5}, "method.label_smoothing"),
         ({"max_resamples": 0}, "method.max_resamples"),

@@ -10,7 +10,13 @@ from polmctl.compose import compose_config
 from polmctl.config.schema import ModelConfig, PeftConfig
 from polmctl.errors import ConfigError, TrainingError
 from polmctl.models import apply_peft, load_model, load_tokenizer, trainable_parameter_summary
-from polmctl.models.peft_variants import AdaLoraBudget, adalora_schedule, step_hooks
+from polmctl.models.peft_variants import (
+    AdaLoraBudget,
+    AdaLoraOrthogonality,
+    adalora_schedule,
+    step_hooks,
+    step_penalties,
+)
 from polmctl.validate import validate
 
 pytestmark = pytest.mark.unit
@@ -91,6 +97,35 @@ def test_adalora_budget_steps_peft_with_the_step_number_and_needs_gradients():
     assert calls == [0, 1, 2]
 
 
+def test_adalora_orthogonality_is_peft_own_penalty_and_the_paper_formula():
+    """peft adds w * mean(||P P^T - I||_F, ||Q^T Q - I||_F) to a loss the model computes from labels;
+    polmctl's objectives do not, so AdaLoraOrthogonality computes the same term for the trainer."""
+    model = apply_peft(load_model(TINY), PeftConfig(method="adalora", r=4, adalora_target_r=2), total_steps=4)
+    penalty = AdaLoraOrthogonality()
+    assert step_penalties(model) and penalty.name == "adalora_orth"
+    ids = torch.tensor([[3, 50, 70, 90, 11]])
+    with torch.no_grad():
+        with_penalty = model(input_ids=ids, labels=ids).loss  # AdaLoraModel.forward adds it
+        without = model.base_model.model(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(penalty(model), with_penalty - without, rtol=1e-5, atol=1e-6)
+        # By hand: P and Q all zero give ||-I||_F = sqrt(r) = 2 for each matrix; w = 0.5 -> 1.0.
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.zero_()
+        torch.testing.assert_close(penalty(model), torch.tensor(1.0))
+        # Orthonormal rows of P (columns of Q): that matrix's term is 0, so the mean halves -> 0.5.
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.eye(*p.shape))
+        torch.testing.assert_close(penalty(model), torch.tensor(0.5))
+    off = apply_peft(
+        load_model(TINY),
+        PeftConfig(method="adalora", r=4, adalora_target_r=2, adalora_orth_reg_weight=0),
+        total_steps=4,
+    )
+    assert step_penalties(off) == [] and step_penalties(load_model(TINY)) == []
+
+
 @pytest.mark.parametrize(
     "overrides,key,hint",
     [
@@ -108,6 +143,7 @@ def test_adalora_budget_steps_peft_with_the_step_number_and_needs_gradients():
         (["peft=ln_tuning", "peft.target_modules=[all-linear]"], "peft.target_modules", "norm layers"),
         (["peft=adalora", "peft.adalora_target_r=20"], "peft.adalora_target_r", "exceeds the starting rank"),
         (["peft=adalora", "peft.adalora_warmup=0.5", "peft.adalora_final=0.5"], "peft.adalora_final", "below 1"),
+        (["peft=adalora", "peft.adalora_orth_reg_weight=-1"], "peft.adalora_orth_reg_weight", "0 turns it off"),
         (["peft=prompt_tuning", "data.packing=false", "peft.merge_on_save=true"], "peft.merge_on_save", "virtual"),
         (
             ["peft.init=pissa", "peft.use_rslora=true", "+peft.rank_pattern={q_proj: 2}"],

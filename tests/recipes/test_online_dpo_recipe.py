@@ -64,6 +64,7 @@ def test_online_dpo_prefers_what_the_judge_scores_higher(train_recipe):
     "judge",
     [
         ["method.judge_model=policy", "method.judge_swap=false"],
+        ["method.judge_model=policy", "method.judge_position=average"],
         [
             "method.judge_model=builtin:tiny",
             "method.judge_mode=score",
@@ -71,13 +72,17 @@ def test_online_dpo_prefers_what_the_judge_scores_higher(train_recipe):
             "method.num_generations=3",
         ],
     ],
-    ids=["pairwise-policy", "score-separate-model"],
+    ids=["pairwise-policy", "pairwise-average-policy", "score-separate-model"],
 )
 def test_rlaif_trains_on_an_llm_judges_pairs(train_recipe, judge):
     run = train_recipe("rlaif", "trainer.max_steps=4", *STEPS, *judge)
     lines = check_trained(run)
     key = "judge/unparseable" if "method.judge_mode=score" in judge else "judge/inconsistent"
-    assert all(l[key] == 0 for l in lines) and all(0 < l["judge/label_mass"] < 1 for l in lines)
+    if "method.judge_position=average" in judge:  # inconsistent comparisons are decided too: no skipped group
+        assert all(l["judge/comparisons"] > 0 and l["skipped_groups"] == 0 for l in lines)
+    else:
+        assert all(l[key] == 0 for l in lines)
+    assert all(0 < l["judge/label_mass"] < 1 for l in lines)
     assert all(l["judge/margin"] > 0 and "verifiable/chosen_correct" in l for l in lines)
 
 

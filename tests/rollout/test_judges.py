@@ -108,6 +108,14 @@ def test_pairwise_verdicts_keep_only_what_both_orders_agree_on():
     assert inconsistent.tolist() == [False, True, False, False]
     alone, none = pairwise_verdicts(first, None)
     assert alone.tolist() == [1, 1, -1, 0] and not none.any()
+    # average (balanced position calibration): mean of P(i better) over both orders against 1/2.
+    # Row 2: 0.7 and 0.2 -> 0.45, j wins where "agree" had a tie; row 4: 0.5 -> a tie.
+    averaged, flagged = pairwise_verdicts(first, swapped, "average")
+    assert averaged.tolist() == [1, -1, -1, 0] and flagged.tolist() == inconsistent.tolist()
+    # A judge that says "A" at 0.9 in every order, nudged by the answer: 0.95/0.85 for i -> (0.95 + 0.15) / 2 > 1/2.
+    biased_first, biased_swapped = torch.tensor([[0.95, 0.05]]), torch.tensor([[0.85, 0.15]])
+    assert pairwise_verdicts(biased_first, biased_swapped)[0].tolist() == [0]
+    assert pairwise_verdicts(biased_first, biased_swapped, "average")[0].tolist() == [1]
     # 0 beats 1, ties with 2, 1 beats 2: wins plus half the ties
     assert copeland_scores(3, [(0, 1), (0, 2), (1, 2)], torch.tensor([1.0, 0.0, 1.0])).tolist() == [1.5, 1.0, 0.5]
 
