@@ -157,11 +157,17 @@ def check_backend(scheme: str, device) -> None:
 
 
 def load_dtype(method, model_dtype: str, device):
-    """The torch dtype the model loads in: method.compute_dtype, or model.dtype's resolution for auto."""
+    """The torch dtype the model loads in: method.compute_dtype, or model.dtype's resolution for auto
+    (cpu_int4: bfloat16)."""
     import torch
 
     from polmctl.models.load import resolve_dtype
 
+    if method.scheme == "cpu_int4" and method.compute_dtype == "auto":
+        # torch's CPU int4 matmul is fast for bfloat16 activations only: decoding a SmolLM2 layer took
+        # 0.3-0.6x the dense bf16 Linear's time with them, 11-20x the dense float32 one's with float32
+        # activations (benchmarks/int4_cpu_matmul.py; results/2026-12-04-int4-cpu-matmul.txt).
+        return torch.bfloat16
     return (
         resolve_dtype(model_dtype, device) if method.compute_dtype == "auto" else getattr(torch, method.compute_dtype)
     )

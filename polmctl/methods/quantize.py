@@ -30,8 +30,9 @@ class QuantizeMethod:
     compute_dtype: str = option(
         "auto",
         "dtype of the activations and of the weights left unquantized (embeddings, "
-        "norms), and of nf4 / fp4 matmuls: auto (model.dtype; 4-bit matmuls in "
-        "float32 on CPU, bfloat16 or float16 on CUDA) | float32 | bfloat16 | float16",
+        "norms), and of nf4 / fp4 matmuls: auto (model.dtype, but bfloat16 for cpu_int4, whose CPU "
+        "kernel is slow on float32; 4-bit matmuls in float32 on CPU, bfloat16 or float16 on CUDA) | "
+        "float32 | bfloat16 | float16",
     )
     dynamic_activations: bool = option(
         False,

@@ -120,3 +120,10 @@ def test_hqq_fits_only_weights_it_can_pack():
     """At 4 bits hqq packs two 64-wide groups into one stored row: an odd count does not pack."""
     assert Q.hqq_fits((26, 64), 4, 64) and not Q.hqq_fits((25, 64), 4, 64) and Q.hqq_fits((25, 64), 4, 32)
     assert Q.hqq_fits((25, 64), 8, 64) and not Q.hqq_fits((10, 60), 4, 64)  # 600 is no multiple of 64
+
+
+def test_cpu_int4_computes_in_bfloat16_unless_told_otherwise():
+    """torch's CPU int4 matmul is slow on float32 activations (benchmarks/int4_cpu_matmul.py)."""
+    assert Q.load_dtype(QuantizeMethod(scheme="cpu_int4"), "float32", CPU) == torch.bfloat16
+    assert Q.load_dtype(QuantizeMethod(scheme="cpu_int4", compute_dtype="float32"), "auto", CPU) == torch.float32
+    assert Q.load_dtype(QuantizeMethod(scheme="hqq"), "float32", CPU) == torch.float32

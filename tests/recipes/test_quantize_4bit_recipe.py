@@ -39,7 +39,9 @@ def test_cpu_4bit_schemes_shrink_the_model_and_final_reloads_quantized(tmp_path,
     summary = quantize(tmp_path, f"method.scheme={scheme}")
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
     assert summary["quantized_layers"] == {kind: 14} and summary["device"] == "cpu"
-    assert summary["param_memory_bytes"]["ratio"] < 0.4 and summary["size_on_disk_bytes"]["ratio"] < 0.45
+    # cpu_int4 computes in bfloat16 (its CPU kernel is slow on float32), so its source is measured in bfloat16 too
+    assert summary["compute_dtype"] == {"cpu_int4": "bfloat16", "hqq": "float32"}[scheme]
+    assert summary["param_memory_bytes"]["ratio"] < 0.45 and summary["size_on_disk_bytes"]["ratio"] < 0.45
     ppl = summary["eval"]
     assert ppl["after"]["perplexity"]["perplexity"] == pytest.approx(ppl["before"]["perplexity"]["perplexity"], rel=0.1)
     reloaded = load_model(ModelConfig(name_or_path=str(tmp_path)), for_training=False)  # the run dir's final/
