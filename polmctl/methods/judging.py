@@ -106,7 +106,7 @@ def load_judge_model(name: str, model_cfg: ModelConfig, device):
     """The tokenizer and frozen causal LM of an LLM judge (the policy's model cache)."""
     from polmctl.models import load_model, load_tokenizer, model_head, resolve_model_path
 
-    cfg = ModelConfig(name_or_path=name, cache_dir=model_cfg.cache_dir)
+    cfg = ModelConfig(name_or_path=name, cache_dir=model_cfg.cache_dir, dtype=model_cfg.dtype)  # as the policy
     if model_head(resolve_model_path(cfg.name_or_path, cfg.cache_dir)) == "reward":
         raise ConfigError(
             "method.judge_model",

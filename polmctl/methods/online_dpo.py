@@ -183,7 +183,7 @@ def second_model(run: RunConfig) -> Optional[tuple[str, Optional[ModelConfig]]]:
     judge = m.separate_judge()
     if judge is not None:
         what = f"judge {judge}" + (" (+ a frozen reference copy, not counted)" if frozen else "")
-        return what, ModelConfig(name_or_path=judge, cache_dir=run.model.cache_dir)
+        return what, ModelConfig(name_or_path=judge, cache_dir=run.model.cache_dir, dtype=run.model.dtype)
     return ("frozen reference copy", None) if frozen else None
 
 

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 from polmctl.config.schema import ModelConfig
 from polmctl.errors import ConfigError
-from polmctl.methods.judging import ModelJudge, RewardJudge, build_judge
+from polmctl.methods.judging import ModelJudge, RewardJudge, build_judge, load_judge_model
 from polmctl.methods.online_dpo import OnlineDPOMethod
 from polmctl.methods.reference import Reference
 from polmctl.models import load_model, load_tokenizer
@@ -70,3 +70,8 @@ def test_reward_functions_judge_each_answer_and_a_reward_model_is_no_llm_judge(t
     )
     scores, metrics = reward_model(None, ROWS, ANSWERS, 3, 0)
     assert note.startswith("judge: reward model") and scores.shape == (3,) and "rewards/reward_model" in metrics
+
+
+def test_a_judge_of_its_own_loads_in_the_policys_dtype():
+    _, bf16 = load_judge_model("builtin:tiny", ModelConfig(name_or_path="builtin:tiny", dtype="bfloat16"), "cpu")
+    assert next(bf16.parameters()).dtype == torch.bfloat16

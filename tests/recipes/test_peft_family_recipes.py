@@ -136,3 +136,22 @@ def test_eva_starts_from_the_data_and_redistributes_ranks(train_recipe):
     assert config.rank_pattern and len(set(ranks)) > 1 and sum(ranks) == config.r * len(ranks)
     saved = json.loads((run.dir / "final" / "adapter_config.json").read_text())
     assert saved["rank_pattern"] == dict(config.rank_pattern)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="peft's LoftQ quantizes W on CUDA only (peft/utils/loftq_utils.py); no GPU"
+)
+def test_loftq_trains_on_cuda_and_final_is_the_merged_model(train_recipe):
+    """LoftQ replaces W by its 4-bit round trip and starts A, B from the SVD of the error; the run
+    trains, and final/ (merged: the adapter alone fits no plain base) gives the trained outputs."""
+    base = load_model(ModelConfig(name_or_path="builtin:tiny"), for_training=False)
+    run = train_recipe(
+        "lora", "peft.init=loftq", "peft.merge_on_save=true", "trainer.device=cuda", "trainer.lr=1e-2", *REPEATED_BATCH
+    )
+    assert run.initial and not run.unchanged_parameters()
+    assert run.losses[-1] < run.losses[0] - 0.05, run.losses
+    final = run.dir / "final"
+    assert (final / "config.json").exists() and not (final / "adapter_config.json").exists()
+    reloaded = load_model(ModelConfig(name_or_path=str(final)), for_training=False)
+    torch.testing.assert_close(logits(reloaded), logits(run.model.cpu()), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(logits(reloaded), logits(base), atol=1e-3)
