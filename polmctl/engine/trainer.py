@@ -12,6 +12,8 @@ Features and the flag that controls each:
                                           is removed when the next run starts)
   exact resume                            resume=auto | resume=<checkpoint dir>
   a pruned model keeps its zeros          trainer.keep_sparsity (the runner's after_step hook)
+  penalties of the trainable weights      peft.adalora_orth_reg_weight (the runner's penalties: AdaLoRA's
+                                          orthogonality, added to the gradient, logged as loss/<name>)
   metrics.jsonl, trackers, progress bar   trainer.log_every, logger.trackers, logger.progress
 A non-finite loss stops the run before the bad update is applied.
 
