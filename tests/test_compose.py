@@ -165,6 +165,7 @@ ISSUE_22_PEFT = [
     "  adalora_warmup: 0.1",
     "  adalora_final: 0.2",
     "  adalora_interval: 1",
+    "  adalora_orth_reg_weight: 0.5",  # 2026-12-04: AdaLoRA's orthogonality penalty, now applied
 ]
 ISSUE_22_GENERATION = [
     "generation:",
