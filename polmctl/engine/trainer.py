@@ -344,8 +344,8 @@ class Trainer:
                     raise
             # Retried outside the except block, so the failed attempt's activations are freed first.
             batches = self._halve_micro_batch(len(batches))
-        penalty_metrics = self._add_penalties()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        penalty_metrics = self._add_penalties(params)
         max_norm = self.cfg.max_grad_norm or float("inf")
         grad_norm = self.acc.clip_grad_norm_(params, max_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -380,15 +380,15 @@ class Trainer:
             "update_time_s": time.perf_counter() - started - batch_time,
         }
 
-    def _add_penalties(self) -> dict[str, float]:
-        """Each penalty's gradient, added to the accumulated one. A penalty of the parameters alone is
-        the same for every micro-batch, so adding it once a step equals adding it to each micro-batch's
-        mean loss. torch.autograd.grad, not backward: it leaves DDP's gradient hooks alone (every rank
-        holds the same parameters, so every rank adds the same gradient)."""
+    def _add_penalties(self, params: list[torch.nn.Parameter]) -> dict[str, float]:
+        """Each penalty's gradient, added to the accumulated one of ``params`` (the trainable ones; DDP
+        wraps the same tensors). A penalty of the parameters alone is the same for every micro-batch,
+        so adding it once a step equals adding it to each micro-batch's mean loss. torch.autograd.grad,
+        not backward: it leaves DDP's gradient hooks alone (every rank holds the same parameters, so
+        every rank adds the same gradient)."""
         if not self.penalties:
             return {}
         model = self.acc.unwrap_model(self.model)
-        params = [p for p in model.parameters() if p.requires_grad]
         logged = {}
         for penalty in self.penalties:
             value = penalty(model)

@@ -216,18 +216,21 @@ class AdaLoraOrthogonality:
         return weight * torch.stack(norms).mean()
 
 
+def _adalora_config(model):
+    """The model's active peft config if it is AdaLoRA's, else None."""
+    config = getattr(model, "active_peft_config", None)
+    return config if getattr(getattr(config, "peft_type", None), "value", None) == "ADALORA" else None
+
+
 def step_penalties(model) -> list[AdaLoraOrthogonality]:
     """The penalties the model's adapter adds to every step's loss (AdaLoRA's orthogonality), for the trainer."""
-    config = getattr(model, "active_peft_config", None)
-    kind = getattr(getattr(config, "peft_type", None), "value", None)
-    return [AdaLoraOrthogonality()] if kind == "ADALORA" and config.orth_reg_weight > 0 else []
+    config = _adalora_config(model)
+    return [AdaLoraOrthogonality()] if config is not None and config.orth_reg_weight > 0 else []
 
 
 def step_hooks(model) -> list[Callable[[torch.nn.Module], None]]:
     """The after_step hooks the model's adapter needs (AdaLoRA's budget schedule), for the trainer."""
-    config = getattr(model, "active_peft_config", None)
-    kind = getattr(getattr(config, "peft_type", None), "value", None)
-    return [AdaLoraBudget()] if kind == "ADALORA" else []
+    return [AdaLoraBudget()] if _adalora_config(model) is not None else []
 
 
 def check_peft_fits(run) -> None:
