@@ -193,7 +193,9 @@ def test_show_prints_what_it_printed_before_the_methods_moved(recipe):
     issue 20 ``method.advantage`` (group) and ``method.kl_in_reward`` (false) for REINFORCE++; since issue 22
     the peft family's keys after ``peft.merge_on_save`` (their defaults: LoRA's init, patterns, IA3's
     feed-forward modules, OFT/BOFT blocks, AdaLoRA's schedule), a ``generation`` section (the KV cache)
-    before ``method``, and recipe=quantize's ``method.bits`` and ``method.group_size``; since issue 18
+    before ``method``, and recipe=quantize's ``method.bits``, ``method.group_size``, ``method.calibration_rows``
+    and ``method.calibration_batch_size`` (and its recipe line naming int4, HQQ, GPTQ, AWQ), since issue 19
+    ``method.adapter`` (merge); since issue 18
     ``model.dtype`` (and distill's ``method.teacher_dtype``) default to auto_gpu: what auto meant before,
     auto now also picks bf16 on CPUs with AVX512-BF16 or AMX; since issue 18 too the launcher's
     ``num_machines`` (1), ``machine_rank`` and ``main_process_ip`` (null) after ``main_process_port``, and
@@ -208,6 +210,8 @@ def test_show_prints_what_it_printed_before_the_methods_moved(recipe):
             line += "_gpu"  # issue 18
         if line.startswith("method:"):
             expected += ISSUE_22_GENERATION
+        if line == "  method: Quantization (bitsandbytes NF4 / FP4 / int8, torchao int8)":
+            line = "  method: Quantization (bitsandbytes, torchao, HQQ, GPTQ, AWQ)"
         expected.append(line.replace("  objective: ", "  name: ", 1) if line.startswith("  objective: ") else line)
         if line.startswith("  loss_type: ") and recipe in ("grpo", "rloo"):
             expected.append(f"  importance_level: {'sequence' if recipe == 'rloo' else 'token'}")
@@ -217,6 +221,8 @@ def test_show_prints_what_it_printed_before_the_methods_moved(recipe):
             expected += ISSUE_22_PEFT
         if line.startswith("  speed_batch_size: ") and recipe == "quantize":
             expected += ["  bits: 4", "  group_size: 64"]  # issue 22: hqq's bits, cpu_int4/hqq's group size
+            expected += ["  calibration_rows: 128", "  calibration_batch_size: 8"]  # issue 22: gptq / awq
+            expected += ["  adapter: merge"]  # issue 19: method.adapter=keep quantizes an adapter's base alone
         if line.startswith("  main_process_port: "):
             expected += ISSUE_18_LAUNCHER
         if line.startswith("  vllm_gpu_memory_utilization: "):

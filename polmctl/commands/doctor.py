@@ -28,6 +28,8 @@ OPTIONAL = {
     "matplotlib": ("plot", "polmctl compare plots"),
     "lm-eval": ("lmeval", "eval.tasks=[lm_eval:<task>]"),
     "torchao": ("quant", "recipe=quantize method.scheme=cpu_int8"),
+    "hqq": ("quant", "recipe=quantize method.scheme=hqq"),
+    "gptqmodel": ("gptq", "recipe=quantize method.scheme=gptq | awq"),
     "hydra-joblib-launcher": ("sweeps", "hydra/launcher=joblib"),
     "hydra-optuna-sweeper": ("sweeps", "hydra/sweeper=optuna"),
     "hydra-submitit-launcher": ("slurm", "hydra/launcher=submitit_slurm"),

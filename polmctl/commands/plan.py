@@ -98,12 +98,12 @@ def plan_data(cfg: RunConfig, tokenizer, objective) -> dict:
 def _config(model_cfg, cache_dir):
     from transformers import AutoConfig
 
-    from polmctl.models.load import _adapter_base, _call, resolve_model_path
+    from polmctl.models.load import _call, adapter_base, resolve_model_path
 
     path = resolve_model_path(model_cfg.name_or_path, cache_dir)
     return _call(
         AutoConfig.from_pretrained,
-        _adapter_base(path, cache_dir) or path,
+        adapter_base(path, cache_dir) or path,
         "model config",
         trust_remote_code=model_cfg.trust_remote_code,
         revision=model_cfg.revision,

@@ -136,10 +136,14 @@ def _task_source(task: str) -> str | None:
 
 
 def weights_on_disk(final: Path) -> tuple[int | None, bool]:
-    """(bytes of the weight files in final/, whether final/ is a peft adapter); (None, False) without final/."""
+    """(bytes of the weight files in final/, whether final/ is a peft adapter without its base); (None, False)
+    without final/. An adapter kept over its quantized base (recipe=quantize method.adapter=keep, in
+    final/base/) counts both: that is the model."""
     if not final.is_dir():
         return None, False
     size = sum(p.stat().st_size for p in final.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if (final / "base").is_dir():
+        return size + weights_on_disk(final / "base")[0], False
     return size, (final / "adapter_config.json").is_file()
 
 
@@ -151,6 +155,11 @@ def _inputs(config: dict) -> list[str]:
         return [str(m) for m in models]
     model = (config.get("model") or {}).get("name_or_path")
     return [str(model)] if model else []
+
+
+# What a later stage may start from: the stage's run dir (its final/), final/, or adapter/ (a merged
+# LoRA run's adapter alone: the survey's quantize stage keeps it over a 4-bit base)
+STAGE_OUTPUTS = ("", "final", "adapter")
 
 
 def _same_path(a: str, b: Path) -> bool:
@@ -230,7 +239,7 @@ def _before(task, metric, n, before, sources, inputs, done) -> tuple[Any, str | 
             for label, sdir, after in done
             if _number((after.get(task) or {}).get(metric))
             and after[task].get("n") == n
-            and any(_same_path(m, sdir) or _same_path(m, sdir / "final") for m in inputs)
+            and any(_same_path(m, sdir / out) for m in inputs for out in STAGE_OUTPUTS)
         ]
     if not found:
         return None, None

@@ -6,6 +6,8 @@ quantize runner measures before and after.
     polmctl run recipe=quantize method.scheme=cpu_int8     # torchao int8 weights, for inference on CPUs
     polmctl run recipe=quantize method.scheme=cpu_int4     # torchao group-wise int4 weights, CPU
     polmctl run recipe=quantize method.scheme=hqq          # HQQ 4-bit (method.bits: 2 | 3 | 4 | 8), CPU or CUDA
+    polmctl run recipe=quantize method.scheme=gptq         # GPTQ through GPTQModel, calibrated on the run's data
+    polmctl run recipe=quantize method.scheme=awq          # AWQ through GPTQModel, calibrated on the run's data
 
 Schemes:
   nf4 / fp4 / int8   bitsandbytes through transformers' ``BitsAndBytesConfig`` (built by
@@ -21,6 +23,12 @@ Schemes:
                      scale, no calibration data) through the hqq library's ``HQQLinear``, ``method.bits``
                      bits in groups of ``method.group_size``; the decoder Linear layers only. On CPU its
                      forward dequantizes the weight each call: memory falls, speed does not.
+  gptq / awq         GPTQ (Frantar et al., 2022: each layer's weights rounded column by column, the rounding
+                     error compensated through the inverse Hessian of its calibration inputs) and AWQ (Lin
+                     et al., 2023: the input channels that carry large activations scaled up before rounding)
+                     through GPTQModel's ``GPTQModel.load`` / ``quantize`` / ``save``, calibrated on
+                     ``method.calibration_rows`` rows of the run's data; the decoder Linear layers only.
+                     GPTQModel's CPU kernels run GPTQ from 7.6 and AWQ from 7.7 (which needs torch >= 2.14.1).
 
 nf4 / fp4 / int8 / cpu_int8 are written with ``save_pretrained`` (safetensors, the quantization
 config in config.json), so ``from_pretrained`` and ``polmctl.models.load_model`` reload the dir
@@ -30,8 +38,11 @@ safetensors support does not cover the CPU int4 tensor (``Int4OpaqueTensor``: "U
 type"), transformers 5.24's ``HqqConfig`` raises NotImplementedError, and the hqq library's own
 save is a pickle (``torch.save``). They are written in polmctl's layout of replaced layers
 (polmctl/models/replaced.py: plain safetensors plus a JSON file naming the layers), which
-``polmctl.models.load_model`` reloads; transformers alone does not. GPTQ and AWQ (llm-compressor,
-GPTQModel) need CUDA kernels and are not offered here.
+``polmctl.models.load_model`` reloads; transformers alone does not. gptq / awq are written by
+GPTQModel's own ``save`` (packed int32 weights, scales and zero points as safetensors, the
+quantization_config in config.json), the checkpoint format vLLM, SGLang and transformers read;
+``from_pretrained`` reloads it with gptqmodel (and, for GPTQ, optimum) installed. Why GPTQModel and not
+llm-compressor: llm-compressor 0.14 pins transformers <= 5.17, older than polmctl's.
 
 Why torchao, not ``torch.ao.quantization.quantize_dynamic``, for cpu_int8 (checked on torch 2.13,
 transformers 5.24, torchao 0.18): quantize_dynamic still exists and its fbgemm kernels are fast on
@@ -61,13 +72,18 @@ from typing import Any, Iterator
 
 from polmctl.errors import ConfigError
 
-SCHEMES = ("nf4", "fp4", "int8", "cpu_int8", "cpu_int4", "hqq")
+SCHEMES = ("nf4", "fp4", "int8", "cpu_int8", "cpu_int4", "hqq", "gptq", "awq")
 BNB_SCHEMES = ("nf4", "fp4", "int8")
 IN_PLACE_SCHEMES = ("cpu_int4", "hqq")  # quantized after loading, saved as replaced layers (models/replaced.py)
+CALIBRATED_SCHEMES = ("gptq", "awq")  # GPTQModel: fitted to calibration rows, saved in its checkpoint format
 CPU_SCHEMES = ("cpu_int8", "cpu_int4")
-HQQ_BITS = (1, 2, 3, 4, 8)
+SCHEME_BITS = {"hqq": (1, 2, 3, 4, 8), "gptq": (2, 3, 4, 8), "awq": (4,)}  # the schemes that read method.bits
 INT4_GROUP_SIZES = (32, 64, 128)  # what torch's CPU int4 kernel takes
+CALIBRATED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512)  # GPTQModel's kernels' (-1: one group per row)
 HQQ_INSTALL = "pip install hqq (polmctl's quant extra)"
+GPTQ_INSTALL = "pip install 'polmctl[gptq]' (GPTQModel and optimum)"
+GPTQMODEL_MIN = {"gptq": "7.6", "awq": "7.6"}
+AWQ_CPU_MIN = "7.7"  # GPTQModel 7.6 quantizes AWQ on CUDA only ("AWQ: CUDA is not available")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TORCHAO_MIN = "0.15"  # transformers 5.24 treats an older torchao as absent (TORCHAO_MIN_VERSION)
 TORCHAO_INSTALL = f"pip install 'torchao>={TORCHAO_MIN}' (polmctl's quant extra)"
@@ -122,6 +138,9 @@ def check_backend(scheme: str, device) -> None:
         if importlib.util.find_spec("hqq") is None:
             raise ConfigError("method.scheme", f"hqq needs the hqq library: {HQQ_INSTALL}, or method.scheme=cpu_int4")
         return
+    if scheme in CALIBRATED_SCHEMES:
+        _check_gptqmodel(scheme, device)
+        return
     if device.type != "cpu":
         raise ConfigError(
             "trainer.device",
@@ -156,6 +175,35 @@ def check_backend(scheme: str, device) -> None:
         )
 
 
+def _check_gptqmodel(scheme: str, device) -> None:
+    """GPTQModel (and, for GPTQ, the optimum that transformers loads GPTQ checkpoints through) is
+    installed, new enough, and quantizes ``scheme`` on ``device``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    needed = ["gptqmodel", "optimum"] if scheme == "gptq" else ["gptqmodel"]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            "method.scheme", f"{scheme} needs {' and '.join(missing)}: {GPTQ_INSTALL}, or method.scheme=cpu_int4 | hqq"
+        )
+    try:
+        found = Version(version("gptqmodel"))
+    except (PackageNotFoundError, ValueError):  # a source checkout without metadata: let GPTQModel decide
+        return
+    if found < Version(GPTQMODEL_MIN[scheme]):
+        raise ConfigError(
+            "method.scheme", f"{scheme} needs gptqmodel >= {GPTQMODEL_MIN[scheme]}, found {found}: {GPTQ_INSTALL}"
+        )
+    if scheme == "awq" and device.type == "cpu" and found < Version(AWQ_CPU_MIN):
+        raise ConfigError(
+            "method.scheme",
+            f"awq on a CPU needs gptqmodel >= {AWQ_CPU_MIN} (found {found}; 7.7 needs torch >= 2.14.1): "
+            "upgrade both, run on a CUDA device, or use method.scheme=gptq",
+        )
+
+
 def load_dtype(method, model_dtype: str, device):
     """The torch dtype the model loads in: method.compute_dtype, or model.dtype's resolution for auto
     (cpu_int4: bfloat16)."""
@@ -168,6 +216,11 @@ def load_dtype(method, model_dtype: str, device):
         # 0.3-0.6x the dense bf16 Linear's time with them, 11-20x the dense float32 one's with float32
         # activations (benchmarks/int4_cpu_matmul.py; results/2026-12-04-int4-cpu-matmul.txt).
         return torch.bfloat16
+    if method.scheme in CALIBRATED_SCHEMES and method.compute_dtype == "auto":
+        # AWQ's kernels take float16 / bfloat16 only; GPTQ's CPU kernel generated 6x faster on bfloat16 than on
+        # float32 activations (SmolLM2 SFT model: 109 against 18 tokens/s, same exact match), and its CUDA
+        # kernels are written for float16.
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
     return (
         resolve_dtype(model_dtype, device) if method.compute_dtype == "auto" else getattr(torch, method.compute_dtype)
     )
@@ -193,12 +246,35 @@ def quantization_config(method, device):
         return TorchAoConfig(ao)
 
 
-def quantize_model(source: str | Path, method, *, device, dtype, trust_remote_code: bool = False):
-    """The causal LM in the full-precision model dir ``source``, loaded quantized by ``method``, in eval mode."""
+def quantize_model(
+    source: str | Path,
+    method,
+    *,
+    device,
+    dtype,
+    trust_remote_code: bool = False,
+    calibration: list | None = None,
+    work_dir: Path | None = None,
+):
+    """The causal LM in the full-precision model dir ``source``, loaded quantized by ``method``, in eval mode.
+    gptq / awq fit to ``calibration`` (token id lists) and return GPTQModel's wrapper of the model, which
+    ``save_model`` writes with GPTQModel's own save; GPTQModel's logs go to ``work_dir``/logs (compress/gptq.py)."""
     from transformers import AutoModelForCausalLM
 
     from polmctl.errors import ModelError
 
+    if method.scheme in CALIBRATED_SCHEMES:
+        from polmctl.compress.gptq import quantize_calibrated
+
+        return quantize_calibrated(
+            source,
+            method,
+            calibration or [],
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            work_dir=work_dir,
+        )
     if method.scheme in IN_PLACE_SCHEMES:
         return _quantize_in_place(source, method, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     config = quantization_config(method, device)
@@ -272,12 +348,20 @@ def quantized_layers(model) -> Counter:
     ``Linear[<torchao tensor>]`` for a Linear whose weight is a torchao tensor subclass."""
     kinds: Counter = Counter()
     for module in model.modules():
+        if hasattr(module, "base_layer"):  # a peft adapter layer: its base_layer is counted on its own
+            continue
         name = type(module).__name__
-        if name in ("Linear4bit", "Linear8bitLt", "HQQLinear"):
+        if name in ("Linear4bit", "Linear8bitLt", "HQQLinear") or _is_gptqmodel_linear(module):
             kinds[name] += 1
         elif _is_tensor_subclass(getattr(module, "weight", None)):
             kinds[f"{name}[{type(module.weight).__name__}]"] += 1
     return kinds
+
+
+def _is_gptqmodel_linear(module) -> bool:
+    """A GPTQModel kernel layer (TorchAtenLinear, TorchCpuAvx512AwqLinear, MarlinLinear, ...): its
+    classes derive from ``BaseQuantLinear``, looked up by name so gptqmodel need not be imported."""
+    return any(c.__name__ == "BaseQuantLinear" for c in type(module).__mro__[1:])
 
 
 def full_precision_linears(model) -> list[str]:
@@ -350,6 +434,14 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 def weights_bytes(model_dir: str | Path) -> int:
     """Bytes on disk of a model dir's weights files (model*.safetensors, pytorch_model*.bin)."""
     return sum(p.stat().st_size for p in weight_files(model_dir))
+
+
+def saved_bytes(model_dir: str | Path) -> int:
+    """Bytes on disk of what a model dir needs: its weights files, an adapter's weights, and the quantized
+    base a kept adapter sits on (``base/``, method.adapter=keep)."""
+    model_dir = Path(model_dir)
+    total = weights_bytes(model_dir) + sum(p.stat().st_size for p in model_dir.glob("adapter_model*.safetensors"))
+    return total + (saved_bytes(model_dir / "base") if (model_dir / "base").is_dir() else 0)
 
 
 def is_full_model_dir(path: str | Path) -> bool:

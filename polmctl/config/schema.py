@@ -144,7 +144,9 @@ class PeftConfig:
     num_virtual_tokens: int = option(20, "prompt/prefix tuning: number of virtual tokens")
     prompt_init_text: Optional[str] = option(None, "prompt tuning: initialise the virtual tokens from this text")
     merge_on_save: bool = option(
-        False, "write final/ with the adapters merged into the base weights (every method but prompt/prefix tuning)"
+        False,
+        "write final/ with the adapters merged into the base weights (every method but prompt/prefix tuning), "
+        "and adapter/ with the adapter alone (not for LoftQ)",
     )
     init: str = option(
         "default",

@@ -143,10 +143,10 @@ def open_model(
     name_or_path: str, label: str, stack: ExitStack, cache_dir: str | None, bases: dict[str, FullModel]
 ) -> FullModel | LoraAdapter:
     """A reader for ``name_or_path``; LoRA adapters share one FullModel per base dir (``bases``)."""
-    from polmctl.models.load import _adapter_base
+    from polmctl.models.load import adapter_base
 
     path = _local_dir(name_or_path, label, cache_dir)
-    base = _adapter_base(path, cache_dir)
+    base = adapter_base(path, cache_dir)
     if base is None:
         return FullModel(path, label, stack)
     base = str(_local_dir(base, f"the base of {label}", cache_dir))

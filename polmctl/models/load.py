@@ -95,7 +95,7 @@ def _call(fn, name: str, what: str, **kwargs):
         ) from err
 
 
-def _adapter_base(path: str, cache_dir: str | None) -> str | None:
+def adapter_base(path: str, cache_dir: str | None) -> str | None:
     """The resolved base model of the peft adapter in ``path``, or None if ``path`` holds no adapter."""
     adapter = Path(path) / "adapter_config.json"
     if not adapter.is_file():
@@ -106,6 +106,10 @@ def _adapter_base(path: str, cache_dir: str | None) -> str | None:
         raise ModelError(f"{adapter} is not a peft adapter config ({err}); re-save the adapter") from None
     if not base:
         raise ModelError(f"{adapter} names no base_model_name_or_path; set it to the base model's dir or hub id")
+    if base.startswith(
+        ("./", "../")
+    ):  # relative to the adapter dir (recipe=quantize method.adapter=keep writes ./base)
+        base = str((Path(path) / base).resolve())
     try:
         return resolve_model_path(base, cache_dir)
     except ModelError as err:
@@ -134,7 +138,7 @@ def load_tokenizer(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.name_or_path, cfg.cache_dir)
     # An adapter dir normally carries the tokenizer (save_model writes it); if not, use its base's.
-    base = _adapter_base(path, cfg.cache_dir)
+    base = adapter_base(path, cfg.cache_dir)
     if base is not None and not (Path(path) / "tokenizer_config.json").exists():
         path = base
     tok = _call(
@@ -275,7 +279,7 @@ def load_model(
     head = head or model_head(path)
     if head not in HEADS:
         raise ModelError(f"unknown model head {head!r}; use one of {', '.join(HEADS)}")
-    base_path = _adapter_base(path, cfg.cache_dir)
+    base_path = adapter_base(path, cfg.cache_dir)
     dtype, why = choose_dtype(cfg.dtype, device)
     if cfg.dtype in AUTO_DTYPES:
         say_dtype_choice(cfg.dtype, dtype, why)

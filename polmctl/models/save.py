@@ -6,7 +6,8 @@ whose base_model_name_or_path names the base model dir or hub id), or with
 peft method but prompt and prefix tuning merges). A PiSSA/OLoRA adapter is written as the plain
 LoRA that turns the original base into the trained model (models/peft_variants.py).
 A model whose Linear layers polmctl replaced (low-rank factors, HQQ or torchao int4 weights) is
-written in polmctl's own layout (models/replaced.py), which ``load_model`` reads.
+written in polmctl's own layout (models/replaced.py), which ``load_model`` reads. A model GPTQModel
+quantized (GPTQ / AWQ, compress/gptq.py) is written by GPTQModel's own save.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from polmctl.compress.gptq import is_gptqmodel_wrapper, save_calibrated
 from polmctl.errors import ModelError
 from polmctl.models.peft_variants import initial_adapter, save_converted
 from polmctl.models.replaced import replaced_layers, save_replaced
@@ -61,7 +63,9 @@ def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) ->
                 sparsity.apply(to_save)
     elif merge_adapters and getattr(model, "peft_config", None):
         raise ModelError("merge_adapters needs a peft.PeftModel; this model has adapters injected another way")
-    if not isinstance(to_save, PeftModel) and replaced_layers(to_save):  # low-rank / HQQ / torchao int4 layers
+    if is_gptqmodel_wrapper(to_save):
+        save_calibrated(to_save, tmp)
+    elif not isinstance(to_save, PeftModel) and replaced_layers(to_save):  # low-rank / HQQ / torchao int4 layers
         save_replaced(to_save, tmp)
     elif to_save is model and initial_adapter(model) is not None:
         save_converted(model, tmp)
@@ -98,4 +102,31 @@ def save_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def save_adapter_over(base_model, tokenizer, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """``out_dir`` as the adapter in ``adapter_dir`` over ``base_model`` (e.g. its base, quantized):
+    the base written by ``save_model`` into ``out_dir/base``, the adapter's files copied beside it with
+    ``base_model_name_or_path`` set to ``./base`` (``load_model`` reads it relative to the adapter dir, so
+    the pair moves together). The adapter's weights are copied as they were trained."""
+    import json
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise ModelError(
+            f"{adapter_dir} lacks {', '.join(missing)}: an adapter dir saved by polmctl (or peft's save_pretrained "
+            "with safetensors) is needed"
+        )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    save_model(base_model, tokenizer, out_dir / "base")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "./base"
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    shutil.copyfile(adapter_dir / "adapter_model.safetensors", out_dir / "adapter_model.safetensors")
+    tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -53,14 +53,15 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **sizes: int) -> LlamaForCausalLM:
+    """The tiny Llama with random weights (a function of ``seed``); ``sizes`` override TINY_SIZES."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
-        **TINY_SIZES,
+        **{**TINY_SIZES, **sizes},
     )
     # The fork keeps the caller's global RNG untouched while making the weights a
     # function of `seed` alone.

@@ -208,10 +208,11 @@ def check_resume(ckpt: Path, cfg: RunConfig, run_dir: Path) -> None:
     )
 
 
-def plain_causal_lm(model, verb: str, error: type[Exception] = ModelError):
+def plain_causal_lm(model, verb: str, error: type[Exception] = ModelError, *, merge: bool = True):
     """The causal LM a one-shot runner works on: a reward model or a process reward model (a score head,
-    no LM head) is refused, a LoRA-style adapter dir is merged into its base first, a prompt-learning
-    adapter (nothing to merge) is refused. ``verb`` says what the runner does ("prune", "quantize", ...)."""
+    no LM head) is refused, a LoRA-style adapter dir is merged into its base first (kept as it is with
+    ``merge=False``), a prompt-learning adapter (nothing to merge) is refused. ``verb`` says what the
+    runner does ("prune", "quantize", ...)."""
     head = head_of(model)
     if head != "causal_lm":
         what = "a reward model" if head == "reward" else "a process reward model"
@@ -224,6 +225,8 @@ def plain_causal_lm(model, verb: str, error: type[Exception] = ModelError):
                 f"model.name_or_path holds a {kind} adapter, which does not merge into the weights; "
                 f"{verb} its base model instead"
             )
+        if not merge:
+            return model
         console.print(f"[bold]model[/] a {kind} adapter dir: the adapter is merged into the base weights first")
         model = model.merge_and_unload()
     return model
@@ -241,14 +244,13 @@ def calibration_record(cfg: RunConfig, n_rows: int, before, after) -> dict[str, 
     }
 
 
-def calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
-    """``method.calibration_rows`` rows of the run's data, every token labelled, in padded batches of
-    ``method.calibration_batch_size`` (preference rows calibrate on prompt + chosen answer); and their count."""
-    m = cfg.method
+def calibration_examples(cfg: RunConfig, tokenizer) -> list[dict]:
+    """``method.calibration_rows`` rows of the run's data, encoded with every token labelled
+    (preference rows calibrate on prompt + chosen answer)."""
     rows = load_rows(
         cfg.data.source,
         cfg.data.split,
-        max_rows=m.calibration_rows,
+        max_rows=cfg.method.calibration_rows,
         options=dict(cfg.data.options) or None,
         hub_config=cfg.data.hub_config,
     )
@@ -265,7 +267,13 @@ def calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
         completion_only_loss=False,
         overlong="truncate",
     )
-    size = m.calibration_batch_size
+    return examples
+
+
+def calibration_batches(cfg: RunConfig, tokenizer) -> tuple[list[dict], int]:
+    """``calibration_examples`` in padded batches of ``method.calibration_batch_size``; and their count."""
+    examples = calibration_examples(cfg, tokenizer)
+    size = cfg.method.calibration_batch_size
     return [pad_collate(examples[i : i + size], tokenizer.pad_token_id) for i in range(0, len(examples), size)], len(
         examples
     )

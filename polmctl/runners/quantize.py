@@ -6,10 +6,15 @@ No training.
     polmctl run recipe=quantize method.scheme=cpu_int8           # torchao int8 weights (pip install torchao)
     polmctl run recipe=quantize method.scheme=cpu_int4           # torchao int4, CPU (models/replaced.py layout)
     polmctl run recipe=quantize method.scheme=hqq                # HQQ 4-bit (pip install hqq)
+    polmctl run recipe=quantize method.scheme=gptq               # GPTQ, calibrated on the run's data (GPTQModel)
+    polmctl run recipe=quantize method.scheme=awq                # AWQ, the same
     polmctl run recipe=quantize model.name_or_path=outputs/lora/...   # a run dir; a LoRA adapter is merged first
+    polmctl run recipe=quantize model.name_or_path=outputs/lora/... method.adapter=keep method.scheme=cpu_int4
+                                  # QLoRA-style: the base quantized, the adapter unmerged over it (final/base/)
 
 Writes into the run dir: final/ (the quantized model; ``from_pretrained`` and ``polmctl eval
-<run dir>`` reload it quantized), source/ only when the source has no local full-weights dir
+<run dir>`` reload it quantized; with method.adapter=keep the adapter, over its quantized base in
+final/base/), source/ only when the source has no local full-weights dir
 (a hub id or an adapter dir: the merged source is saved there to be quantized and measured),
 eval/*.jsonl and summary.json:
 
@@ -41,8 +46,10 @@ from polmctl.engine.metrics import peak_memory_mb
 from polmctl.errors import ConfigError, ModelError
 from polmctl.evals import evaluate_run
 from polmctl.models import load_model, load_tokenizer, resolve_model_path, save_model
+from polmctl.models.load import adapter_base
 from polmctl.models.replaced import is_replaced_dir
-from polmctl.runners.common import begin, finish, plain_causal_lm
+from polmctl.models.save import save_adapter_over
+from polmctl.runners.common import begin, calibration_examples, finish, plain_causal_lm
 
 
 def run_quantize(cfg: RunConfig) -> dict[str, Any]:
@@ -72,18 +79,27 @@ def _run(cfg: RunConfig, m, device: torch.device, run_dir: Path, started: float)
             f"{name} holds low-rank factors (polmctl's layout), which {m.scheme} cannot load through "
             "from_pretrained; use method.scheme=hqq or cpu_int4, or save it with method.save_format=dense",
         )
+    keep = m.adapter == "keep"
+    base_path = adapter_base(path, cfg.model.cache_dir) if keep else None
+    if keep and base_path is None:
+        raise ConfigError(
+            "method.adapter",
+            f"keep quantizes an adapter's base and keeps the adapter; {name} holds no adapter "
+            "(adapter_config.json): use method.adapter=merge",
+        )
     dtype = Q.load_dtype(m, cfg.model.dtype, device)
     source = _plain_model(
         load_model(
             _with_dtype(cfg.model, dtype), device=device, for_training=False, pad_token_id=tokenizer.pad_token_id
         ),
         name,
+        merge=not keep,
     )
     if Q.is_full_model_dir(path):
         source_dir = Path(path)
         size_from = "the builtin model's cache dir" if name.startswith("builtin:") else "the source model dir"
-    else:  # a hub id (weights only in the hub cache) or an adapter dir (base + adapter, merged above)
-        source_dir = save_model(source, tokenizer, run_dir / "source")
+    else:  # a hub id (weights only in the hub cache) or an adapter dir (base + adapter, merged)
+        source_dir = save_model(source, tokenizer, run_dir / "source", merge_adapters=keep)
         size_from = "a reference copy of the source saved in source/ (no local full-weights dir to measure)"
     prompts = Q.speed_prompts(tokenizer, m.speed_prompts)
 
@@ -96,14 +112,26 @@ def _run(cfg: RunConfig, m, device: torch.device, run_dir: Path, started: float)
     del source
     gc.collect()
 
+    calibration = None
+    if m.scheme in Q.CALIBRATED_SCHEMES:
+        calibration = [e["input_ids"] for e in calibration_examples(cfg, tokenizer)]
     quantize_started = time.perf_counter()
     with console.status(f"quantizing {name} ({m.scheme})"):
         quantized = Q.quantize_model(
-            source_dir, m, device=device, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+            base_path or source_dir,  # keep: the adapter's base alone
+            m,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            calibration=calibration,
+            work_dir=run_dir,  # GPTQModel's per-layer logs: <run dir>/logs/
         )
     if not Q.quantized_layers(quantized):
         raise ModelError(f"method.scheme={m.scheme} quantized no layer of {name} (no nn.Linear it could convert)")
-    final = save_model(quantized, tokenizer, run_dir / "final")
+    if keep:
+        final = save_adapter_over(quantized, tokenizer, path, run_dir / "final")
+    else:
+        final = save_model(quantized, tokenizer, run_dir / "final")
     quantize_time = time.perf_counter() - quantize_started
     del quantized
     gc.collect()
@@ -130,7 +158,7 @@ def _run(cfg: RunConfig, m, device: torch.device, run_dir: Path, started: float)
             model, tokenizer, prompts, max_new_tokens=m.speed_max_new_tokens, batch_size=m.speed_batch_size
         )
     after = evaluate_run(cfg, model, tokenizer, run_dir, "after") if cfg.eval.tasks else None
-    size_before, size_after = Q.weights_bytes(source_dir), Q.weights_bytes(final)
+    size_before, size_after = Q.weights_bytes(source_dir), Q.saved_bytes(final)
     memory_after = Q.parameter_bytes(model)
 
     summary = {
@@ -139,6 +167,7 @@ def _run(cfg: RunConfig, m, device: torch.device, run_dir: Path, started: float)
         "run_dir": str(run_dir),
         "status": "completed",
         "scheme": m.scheme,
+        "adapter": m.adapter if base_path else None,
         "quantization": Q.model_quantization(model),
         "device": str(device),
         "compute_dtype": str(dtype).removeprefix("torch."),
@@ -175,6 +204,9 @@ def _run(cfg: RunConfig, m, device: torch.device, run_dir: Path, started: float)
             ),
         },
         "eval": {"before": before, "after": after},
+        "calibration": None
+        if calibration is None
+        else {"source": cfg.data.source, "split": cfg.data.split, "rows": len(calibration)},
         "quantize_time_s": quantize_time,
         "wall_time_s": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(device),
@@ -192,11 +224,13 @@ def _refuse_quantized(name: str, quantization: str | None) -> None:
         )
 
 
-def _plain_model(model, name: str):
+def _plain_model(model, name: str, *, merge: bool):
     """A full-precision causal LM: a quantized source, a reward model or a prompt-learning adapter is refused,
-    another adapter is merged into its base."""
+    another adapter is merged into its base (kept unmerged with ``merge=False``: method.adapter=keep)."""
     _refuse_quantized(name, Q.model_quantization(model))  # e.g. an adapter on a quantized base
-    return plain_causal_lm(model, "quantize", error=lambda message: ConfigError("model.name_or_path", message))
+    return plain_causal_lm(
+        model, "quantize", error=lambda message: ConfigError("model.name_or_path", message), merge=merge
+    )
 
 
 def _with_dtype(model_cfg: ModelConfig, dtype: torch.dtype) -> ModelConfig:

@@ -4,7 +4,8 @@
     polmctl run recipe=sft model=tiny trainer=debug
 
 Writes into the run dir: metrics.jsonl, checkpoints/step-N/ (each with run_config.yaml: a resume
-with another model, peft or method is refused), final/, eval/*.jsonl, summary.json (final
+with another model, peft or method is refused), final/ (with peft.merge_on_save=true the merged
+model, and adapter/ the adapter alone), eval/*.jsonl, summary.json (final
 metrics, evaluation before/after, wall time, peak memory, tokens/s, the distribution strategy
 that ran). With several processes rank 0 evaluates and writes final/; under a sharded strategy
 (FSDP2, ZeRO-3) every rank first takes part in gathering the whole weights onto rank 0.
@@ -141,6 +142,10 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         save_model(
             model, tokenizer, run_dir / "final", merge_adapters=cfg.peft.merge_on_save, heads=heads, sparsity=sparsity
         )
+        if cfg.peft.merge_on_save and _adapter_also(cfg, model):
+            # The adapter alone too, for serving it over a quantized base (recipe=quantize method.adapter=keep)
+            # or as a LoRA in vLLM: a few MB beside the merged model.
+            save_model(model, tokenizer, run_dir / "adapter", heads=heads)
     after = None
     if cfg.eval.tasks and acc.is_main_process:
         with whole_model(acc):  # the gathered copy, on rank 0 alone
@@ -186,3 +191,10 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return out
+
+
+def _adapter_also(cfg: RunConfig, model) -> bool:
+    """Whether adapter/ is written beside a merged final/: a weight adapter whose base is the run's own
+    model (not LoftQ's, which replaced W by its 4-bit round trip; not prompt learning, which merges nothing)."""
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and not config.is_prompt_learning and cfg.peft.init != "loftq"

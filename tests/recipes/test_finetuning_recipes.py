@@ -56,17 +56,20 @@ def test_final_dir_reloads_with_the_trained_weights(train_recipe, recipe):
         )
 
 
-def test_merged_lora_final_is_a_plain_model(train_recipe):
+def test_merged_lora_final_is_a_plain_model_and_adapter_holds_the_adapter_alone(train_recipe):
     run = train_recipe("lora", "trainer.max_steps=2", "data.max_rows=16", "peft.merge_on_save=true", "trainer.lr=1e-2")
     final = run.dir / "final"
     assert (final / "config.json").exists() and not (final / "adapter_config.json").exists()
     reloaded = load_model(ModelConfig(name_or_path=str(final)), for_training=False)
+    adapter = load_model(ModelConfig(name_or_path=str(run.dir / "adapter")), for_training=False)
+    assert hasattr(adapter, "peft_config") and not (run.dir / "adapter" / "model.safetensors").exists()
     ids = torch.tensor([[5, 6, 7, 8]])
     run.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
-        )
+        for model in (reloaded, adapter):  # the merged model and the adapter over its base: the trained outputs
+            torch.testing.assert_close(
+                model(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+            )
 
 
 def test_run_writes_metrics_checkpoints_and_summary(train_recipe):

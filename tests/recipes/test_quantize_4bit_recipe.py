@@ -4,10 +4,12 @@ summary's memory and disk fall, final/ reloads quantized for every later command
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from polmctl.compose import compose_config
 from polmctl.compress import quantize as Q
@@ -67,3 +69,65 @@ def test_a_factored_model_quantizes_with_hqq_and_bitsandbytes_refuses_it(tmp_pat
     assert all(n.endswith((".down", ".up")) for n in kept)
     with pytest.raises(ConfigError, match="method.scheme: .* holds low-rank factors .* use method.scheme=hqq"):
         quantize(tmp_path / "nf4", f"model.name_or_path={lowrank / 'final'}", "method.scheme=nf4")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
+    reason="gptqmodel and optimum are not installed (pip install 'polmctl[gptq]'; see tests/compress/test_gptq.py)",
+)
+def test_gptq_calibrates_on_the_runs_data_and_final_reloads_quantized(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    summary = quantize(tmp_path / "run", "method.scheme=gptq", "method.calibration_rows=16")
+    # GPTQModel's per-layer logs (it writes them under ./logs) land in the run dir, not where the user stands
+    assert list((tmp_path / "run" / "logs").glob("gptq_log_*.log")) and list(cwd.iterdir()) == []
+    assert summary["calibration"] == {"source": "builtin:arithmetic", "split": "train", "rows": 16}
+    assert sum(summary["quantized_layers"].values()) == 14 and summary["quantization"] == "gptq"
+    assert summary["param_memory_bytes"]["ratio"] < 0.5 and summary["size_on_disk_bytes"]["ratio"] < 0.5
+    ppl = summary["eval"]
+    assert ppl["after"]["perplexity"]["perplexity"] == pytest.approx(ppl["before"]["perplexity"]["perplexity"], rel=0.1)
+    reloaded = load_model(ModelConfig(name_or_path=str(tmp_path / "run")), for_training=False)
+    assert sum(Q.quantized_layers(reloaded).values()) == 14
+
+
+@pytest.mark.parametrize("scheme,kind", [("cpu_int4", "Linear[Int4OpaqueTensor]"), ("hqq", "HQQLinear")])
+def test_keep_quantizes_the_adapters_base_and_keeps_the_adapter_unmerged_beside_it(
+    train_recipe, tmp_path, scheme, kind
+):
+    """QLoRA-style serving: the base's decoder Linears at 4 bits, the trained adapter unmerged in full
+    precision over them; final/ is the adapter, final/base/ the base, and the pair moves together."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    lora = train_recipe("lora", "trainer.max_steps=3", "data.max_rows=16")
+    summary = quantize(
+        tmp_path / "q", f"model.name_or_path={lora.dir}", f"method.scheme={scheme}", "method.adapter=keep"
+    )
+    final = tmp_path / "q" / "final"
+    assert summary["adapter"] == "keep" and summary["quantized_layers"] == {kind: 14}
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == "./base"
+    assert (final / "adapter_model.safetensors").read_bytes() == (
+        lora.dir / "final" / "adapter_model.safetensors"
+    ).read_bytes()
+    parts = Q.weights_bytes(final / "base") + (final / "adapter_model.safetensors").stat().st_size
+    assert summary["size_on_disk_bytes"]["after"] == parts  # on tiny the rank-16 adapter outweighs the saving
+    ppl = summary["eval"]
+    assert ppl["after"]["perplexity"]["perplexity"] == pytest.approx(ppl["before"]["perplexity"]["perplexity"], rel=0.1)
+
+    moved = shutil.copytree(final, tmp_path / "elsewhere" / "model")  # ./base resolves against the adapter dir
+    reloaded = load_model(ModelConfig(name_or_path=str(moved)), for_training=False)
+    assert hasattr(reloaded, "peft_config") and Q.quantized_layers(reloaded) == {kind: 14}
+    trained = load_file(str(final / "adapter_model.safetensors"))
+    state = reloaded.state_dict()
+    for key, value in trained.items():  # the adapter's weights as trained (peft drops ".default" on save)
+        loaded = state[key.replace(".weight", ".default.weight")]
+        torch.testing.assert_close(loaded.to(value.dtype), value, rtol=0, atol=0)
+
+
+def test_keep_needs_an_adapter_and_an_in_place_scheme(tmp_path):
+    with pytest.raises(ConfigError, match="method.adapter: keep quantizes an adapter's base .* holds no adapter"):
+        quantize(tmp_path / "q", "method.scheme=hqq", "method.adapter=keep")
+    with pytest.raises(ConfigError, match="method.adapter: keep quantizes the base in polmctl's layout"):
+        quantize(tmp_path / "q2", "method.scheme=nf4", "method.adapter=keep")
