@@ -12,7 +12,7 @@ AWQ (Lin et al., 2023) scales up the input channels that carry large activations
 and folds the inverse scale into the previous op. Both need calibration rows: the first
 ``method.calibration_rows`` rows of the run's data (prompt and answer), layer by layer in the order
 the model runs them. GPTQModel does the work (polmctl writes neither algorithm by hand); it saves
-with its own ``save``, which ``polmctl.models.save_model`` calls for its wrapper.
+with its own ``save``, which ``polmctl.models.save_model`` calls for its wrapper (models/save.py).
 """
 
 from __future__ import annotations
@@ -120,18 +120,6 @@ def _check_awq_shapes(model, source) -> None:
             f"AWQ needs every decoder Linear's output width to be a multiple of {AWQ_ROWS}; {source} has "
             f"{', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}: use method.scheme=gptq"
         )
-
-
-def is_gptqmodel_wrapper(model) -> bool:
-    """GPTQModel's ``BaseQModel`` (what ``quantize_calibrated`` returns), by class name: gptqmodel is
-    imported only where a scheme uses it."""
-    return any(c.__name__ == "BaseQModel" for c in type(model).__mro__)
-
-
-def save_calibrated(model, out_dir: Path) -> None:
-    """GPTQModel's save: packed weights as safetensors and the quantization_config in config.json."""
-    with _gptqmodel_output():
-        model.save(str(out_dir))
 
 
 def _first_line(err: BaseException) -> str:

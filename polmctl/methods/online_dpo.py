@@ -149,13 +149,6 @@ class OnlineDPOMethod(SamplingOptions):
             )
         one_of(section, "judge_mode", self.judge_mode, JUDGE_MODES)
         one_of(section, "judge_position", self.judge_position, JUDGE_POSITIONS)
-        if self.judge_position == "average" and not (self.judge_swap and self.judge_mode == "pairwise"):
-            raise ConfigError(
-                f"{section}.judge_position",
-                "average combines a pairwise judge's two orders; with "
-                + ("method.judge_swap=false" if self.judge_mode == "pairwise" else "method.judge_mode=score")
-                + " there is one verdict per pair: set method.judge_swap=true (pairwise) or drop judge_position",
-            )
         problem = self.judge_template and template_problem(self.judge_template, self.judge_mode)
         if problem:
             raise ConfigError(f"{section}.judge_template", problem)

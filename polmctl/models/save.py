@@ -12,12 +12,13 @@ quantized (GPTQ / AWQ, compress/gptq.py) is written by GPTQModel's own save.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import shutil
 from pathlib import Path
 
-from polmctl.compress.gptq import is_gptqmodel_wrapper, save_calibrated
 from polmctl.errors import ModelError
 from polmctl.models.peft_variants import initial_adapter, save_converted
 from polmctl.models.replaced import replaced_layers, save_replaced
@@ -37,6 +38,12 @@ def _write(model, tokenizer, tmp: Path, merge_adapters: bool, heads: dict, spars
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / f"{name}.safetensors")
         )
+
+
+def _is_gptqmodel_wrapper(model) -> bool:
+    """GPTQModel's ``BaseQModel`` (what recipe=quantize method.scheme=gptq | awq makes, compress/gptq.py),
+    by class name: gptqmodel is an optional package, imported only where a scheme uses it."""
+    return any(c.__name__ == "BaseQModel" for c in type(model).__mro__)
 
 
 def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) -> None:
@@ -63,8 +70,9 @@ def _write_model(model, tokenizer, tmp: Path, merge_adapters: bool, sparsity) ->
                 sparsity.apply(to_save)
     elif merge_adapters and getattr(model, "peft_config", None):
         raise ModelError("merge_adapters needs a peft.PeftModel; this model has adapters injected another way")
-    if is_gptqmodel_wrapper(to_save):
-        save_calibrated(to_save, tmp)
+    if _is_gptqmodel_wrapper(to_save):
+        with contextlib.redirect_stdout(io.StringIO()):  # GPTQModel prints a line per step of its save
+            to_save.save(str(tmp))  # packed weights, the quantization_config in config.json
     elif not isinstance(to_save, PeftModel) and replaced_layers(to_save):  # low-rank / HQQ / torchao int4 layers
         save_replaced(to_save, tmp)
     elif to_save is model and initial_adapter(model) is not None:

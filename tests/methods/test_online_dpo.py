@@ -150,8 +150,6 @@ def test_agreement_with_the_verifiable_answer(judge, agreement):
         ({"judge": "llm", "judge_mode": "score", "judge_min_label_prob": 0.0}, "method.judge_min_label_prob"),
         ({"judge": "llm", "missing_eos_penalty": 1.0}, "method.missing_eos_penalty"),  # pairwise: no scores
         ({"judge": "llm", "judge_position": "first"}, "method.judge_position"),
-        ({"judge": "llm", "judge_position": "average", "judge_swap": False}, "method.judge_position"),  # one order
-        ({"judge": "llm", "judge_position": "average", "judge_mode": "score"}, "method.judge_position"),
         ({"loss": "kto"}, "method.loss"),
         ({"label_smoothing": 0.5}, "method.label_smoothing"),
         ({"max_resamples": 0}, "method.max_resamples"),
