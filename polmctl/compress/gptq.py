@@ -23,6 +23,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from polmctl.compress.quantize import _first_line
+
 
 @contextlib.contextmanager
 def _gptqmodel_output():
@@ -120,8 +122,3 @@ def _check_awq_shapes(model, source) -> None:
             f"AWQ needs every decoder Linear's output width to be a multiple of {AWQ_ROWS}; {source} has "
             f"{', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}: use method.scheme=gptq"
         )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -82,7 +82,7 @@ INT4_GROUP_SIZES = (32, 64, 128)  # what torch's CPU int4 kernel takes
 CALIBRATED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512)  # GPTQModel's kernels' (-1: one group per row)
 HQQ_INSTALL = "pip install hqq (polmctl's quant extra)"
 GPTQ_INSTALL = "pip install 'polmctl[gptq]' (GPTQModel and optimum)"
-GPTQMODEL_MIN = {"gptq": "7.6", "awq": "7.6"}
+GPTQMODEL_MIN = "7.6"
 AWQ_CPU_MIN = "7.7"  # GPTQModel 7.6 quantizes AWQ on CUDA only ("AWQ: CUDA is not available")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TORCHAO_MIN = "0.15"  # transformers 5.24 treats an older torchao as absent (TORCHAO_MIN_VERSION)
@@ -192,9 +192,9 @@ def _check_gptqmodel(scheme: str, device) -> None:
         found = Version(version("gptqmodel"))
     except (PackageNotFoundError, ValueError):  # a source checkout without metadata: let GPTQModel decide
         return
-    if found < Version(GPTQMODEL_MIN[scheme]):
+    if found < Version(GPTQMODEL_MIN):
         raise ConfigError(
-            "method.scheme", f"{scheme} needs gptqmodel >= {GPTQMODEL_MIN[scheme]}, found {found}: {GPTQ_INSTALL}"
+            "method.scheme", f"{scheme} needs gptqmodel >= {GPTQMODEL_MIN}, found {found}: {GPTQ_INSTALL}"
         )
     if scheme == "awq" and device.type == "cpu" and found < Version(AWQ_CPU_MIN):
         raise ConfigError(

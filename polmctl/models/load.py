@@ -106,9 +106,8 @@ def adapter_base(path: str, cache_dir: str | None) -> str | None:
         raise ModelError(f"{adapter} is not a peft adapter config ({err}); re-save the adapter") from None
     if not base:
         raise ModelError(f"{adapter} names no base_model_name_or_path; set it to the base model's dir or hub id")
-    if base.startswith(
-        ("./", "../")
-    ):  # relative to the adapter dir (recipe=quantize method.adapter=keep writes ./base)
+    # relative to the adapter dir (recipe=quantize method.adapter=keep writes ./base)
+    if base.startswith(("./", "../")):
         base = str((Path(path) / base).resolve())
     try:
         return resolve_model_path(base, cache_dir)

@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from polmctl.errors import ModelError
 from polmctl.models.peft_variants import initial_adapter, save_converted
@@ -95,13 +96,22 @@ def save_model(
     Everything is written into ``<out_dir>.tmp-<pid>`` first and renamed into place only
     when complete; if writing fails, an existing ``out_dir`` is left untouched.
     """
+    with _replacing(out_dir) as tmp:
+        _write(model, tokenizer, tmp, merge_adapters, heads or {}, sparsity)
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def _replacing(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary dir beside ``out_dir`` to write into; renamed to ``out_dir`` when the block ends without
+    an error, replacing what was there; removed (and ``out_dir`` left untouched) when it raises."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(model, tokenizer, tmp, merge_adapters, heads or {}, sparsity)
+        yield tmp
         if out_dir.exists():
             # Move the old dir aside first: at every moment one complete dir is on disk.
             shutil.rmtree(old, ignore_errors=True)
@@ -110,7 +120,6 @@ def save_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -120,7 +129,8 @@ def save_adapter_over(base_model, tokenizer, adapter_dir: str | Path, out_dir: s
     """``out_dir`` as the adapter in ``adapter_dir`` over ``base_model`` (e.g. its base, quantized):
     the base written by ``save_model`` into ``out_dir/base``, the adapter's files copied beside it with
     ``base_model_name_or_path`` set to ``./base`` (``load_model`` reads it relative to the adapter dir, so
-    the pair moves together). The adapter's weights are copied as they were trained."""
+    the pair moves together). The adapter's weights are copied as they were trained. Atomic, as
+    ``save_model``."""
     import json
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -130,11 +140,11 @@ def save_adapter_over(base_model, tokenizer, adapter_dir: str | Path, out_dir: s
             f"{adapter_dir} lacks {', '.join(missing)}: an adapter dir saved by polmctl (or peft's save_pretrained "
             "with safetensors) is needed"
         )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    save_model(base_model, tokenizer, out_dir / "base")
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "./base"
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    shutil.copyfile(adapter_dir / "adapter_model.safetensors", out_dir / "adapter_model.safetensors")
-    tokenizer.save_pretrained(out_dir)
+    with _replacing(out_dir) as tmp:
+        save_model(base_model, tokenizer, tmp / "base")
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "./base"
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        shutil.copyfile(adapter_dir / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
+        tokenizer.save_pretrained(tmp)
     return out_dir
