@@ -78,6 +78,15 @@ def test_load_model_and_tokenizer_returns_both():
     assert model.config.vocab_size == len(tok) and not model.training
 
 
+def test_models_load_without_hub_kernels():
+    # transformers kernelizes a load with code from the hub unless USE_HUB_KERNELS says no; offline on a
+    # GPU that fails every load (polmctl/__init__.py). With YES this same load comes back kernelized.
+    import os
+
+    assert os.environ["USE_HUB_KERNELS"] == "NO"
+    assert load_model(TINY).use_kernels is False
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_asking_for_cuda_without_it_is_an_error():
     with pytest.raises(ModelError, match="CUDA is not available"):
