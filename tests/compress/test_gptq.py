@@ -61,7 +61,8 @@ def test_bad_gptq_values_name_the_key(method, message):
 def test_missing_gptqmodel_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"method.scheme: gptq needs gptqmodel( and optimum)?: pip install 'polmctl\[gptq\]'"):
+    needs = r"method.scheme: gptq needs gptqmodel( and optimum)?: pip install 'polmctl\[gptq\]'"
+    with pytest.raises(ConfigError, match=needs):
         Q.check_backend("gptq", CPU)
 
 
