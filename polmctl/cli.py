@@ -504,6 +504,9 @@ def critique(
     seed: int = typer.Option(0, "--seed", help="seeds the principle drawn per row and round, and sampling"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts generated together"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option(
+        "auto_gpu", "--dtype", help="as model.dtype: auto_gpu (its default) | auto | float32 | bfloat16 | float16"
+    ),
 ) -> None:
     """Critique-and-revise data (Constitutional AI): the model drafts an answer to each prompt,
     critiques it against a principle and revises it; writes SFT rows (the revision) and preference
@@ -513,11 +516,12 @@ def critique(
 
       polmctl data critique builtin:instructions --max-rows 200 --out cai.jsonl\n
       polmctl data critique prompts.jsonl --principles mine.yaml --rounds 2 --out cai.jsonl\n
+      polmctl data critique builtin:instructions --model <run dir> --dtype bfloat16 --out cai.jsonl\n
       polmctl run recipe=sft data.source=cai.jsonl;  polmctl run recipe=dpo data.source=cai.pairs.jsonl
     """
     from rich.progress import Progress
 
-    from polmctl.commands.chat import load_for_chat, pick_device
+    from polmctl.commands.chat import check_dtype, load_for_chat, pick_device
     from polmctl.commands.critique import check_outputs, critique_and_revise, load_principles, pairs_path, write_jsonl
     from polmctl.data import load_rows
     from polmctl.data.prompts import prompt_rows
@@ -526,13 +530,14 @@ def critique(
     pairs = pairs or pairs_path(out_path)
     try:
         check_outputs(out_path, pairs)
+        check_dtype(dtype)
         rules = load_principles(principles)
         rows, _ = prompt_rows(load_rows(source, split, max_rows=max_rows), source)
         if temperature > 0:
             from transformers import set_seed
 
             set_seed(seed)
-        lm, tokenizer = load_for_chat(model, pick_device(device))
+        lm, tokenizer = load_for_chat(model, pick_device(device), dtype)
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"critique and revise ({len(rules)} principles)", total=len(rows))
             sft_rows, pair_rows, stats = critique_and_revise(

@@ -50,6 +50,7 @@ from typing import Any, List, Optional
 import torch
 
 from polmctl.config.schema import ModelConfig, RunConfig, one_of, option, positive
+from polmctl.console import warn
 from polmctl.data import format_prompt
 from polmctl.data.preference import preference_collate
 from polmctl.data.prompts import prompt_of, prompt_rows
@@ -162,6 +163,21 @@ class OnlineDPOMethod(SamplingOptions):
                 "a pairwise judge gives wins, not scores, so there is nothing to subtract it from; "
                 "set it to 0 or use method.judge_mode=score",
             )
+        unused = self.unused_position(section)
+        if unused:
+            warn(unused)
+
+    def unused_position(self, section: str) -> Optional[str]:
+        """Why judge_position=average does nothing in this judge=llm setting (None where it applies). A
+        warning, not an error: recipe=rlaif sets it, and its score-mode and one-order variants inherit it."""
+        if self.judge_position != "average" or (self.judge_mode == "pairwise" and self.judge_swap):
+            return None
+        score = self.judge_mode == "score"
+        why = "scores one answer at a time (judge_mode=score)" if score else "asks in one order (judge_swap=false)"
+        return (
+            f"{section}.judge_position=average is unused: only a pairwise judge asking both orders "
+            f"(judge_swap=true) averages them, and this one {why}; set {section}.judge_position=agree to silence this"
+        )
 
     def dpo(self) -> DPOMethod:
         """The DPO settings of the loss (the reference's log-probs come with each batch)."""

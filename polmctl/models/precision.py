@@ -46,6 +46,7 @@ def cpu_bf16_features() -> list[str]:
 
 
 AUTO_DTYPES = ("auto_gpu", "auto")
+DTYPES = (*AUTO_DTYPES, "float32", "bfloat16", "float16")  # model.dtype's choices
 
 
 def choose_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:

@@ -8,11 +8,13 @@ import json
 import re
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import polmctl.cli as cli
 from polmctl.commands.critique import (
     CRITIQUE_REQUEST,
+    CritiqueStats,
     Principle,
     critique_and_revise,
     load_principles,
@@ -133,3 +135,28 @@ def test_the_command_refuses_bad_outputs_before_loading_anything(tmp_path):
         str(tmp_path / "a.jsonl"),
     )
     assert result.exit_code == 2 and "need two files" in result.output
+
+
+@pytest.mark.parametrize("dtype,loaded", [("bfloat16", torch.bfloat16), ("auto_gpu", torch.float32)])
+def test_dtype_reaches_the_model_that_critiques(tmp_path, monkeypatch, dtype, loaded):
+    seen = []
+
+    def one_revision(model, tokenizer, rows, principles, **_):
+        seen.append(next(model.parameters()).dtype)
+        stats = CritiqueStats(rows=len(rows), sft_rows=1)
+        return [{"prompt": "q", "completion": "a", "principle": "p", "critique": "c"}], [], stats
+
+    monkeypatch.setattr(importlib.import_module("polmctl.commands.critique"), "critique_and_revise", one_revision)
+    result = polmctl(*TINY_RUN, "--dtype", dtype, "--out", str(tmp_path / "cai.jsonl"))
+    assert result.exit_code == 0, result.output
+    assert seen == [loaded]  # auto_gpu, the default, keeps float32 on the CPU
+
+
+def test_a_bad_dtype_is_refused_before_loading_anything(tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(importlib.import_module("polmctl.commands.chat"), "load_for_chat", no_load)
+    result = polmctl(*TINY_RUN, "--dtype", "bf16", "--out", str(tmp_path / "cai.jsonl"))
+    assert result.exit_code == 2 and "--dtype bf16: choose one of auto_gpu, auto, float32, bfloat16" in result.output
+    assert not (tmp_path / "cai.jsonl").exists()

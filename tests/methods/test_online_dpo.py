@@ -167,6 +167,26 @@ def test_a_score_judge_takes_the_missing_eos_penalty_and_every_judge_model():
         OnlineDPOMethod(judge="llm", judge_model=model).check("method")
 
 
+@pytest.mark.parametrize(
+    "changes,why",
+    [
+        ({"judge_swap": False}, "asks in one order (judge_swap=false)"),
+        ({"judge_mode": "score"}, "scores one answer at a time (judge_mode=score)"),
+        ({}, None),  # pairwise, both orders: the two orders are averaged
+        ({"judge_swap": False, "judge_position": "agree"}, None),  # the default: nothing was asked for
+    ],
+)
+def test_an_average_position_the_judge_cannot_apply_is_a_warning(capsys, changes, why):
+    method = OnlineDPOMethod(**{"judge": "llm", "judge_position": "average", **changes})
+    method.check("method")  # not an error: recipe=rlaif's variants inherit its average
+    err = capsys.readouterr().err
+    if why is None:
+        assert "judge_position" not in err
+        return
+    assert err.count("\n") == 1 and err.startswith("warning: method.judge_position=average is unused: ")
+    assert why in err and "set method.judge_position=agree to silence this" in err
+
+
 def test_the_second_model_a_run_holds():
     def run(peft: str, **method):
         return SimpleNamespace(method=OnlineDPOMethod(**method), peft=SimpleNamespace(method=peft), model=TINY)

@@ -86,6 +86,17 @@ def test_rlaif_trains_on_an_llm_judges_pairs(train_recipe, judge):
     assert all(l["judge/margin"] > 0 and "verifiable/chosen_correct" in l for l in lines)
 
 
+def test_rlaif_warns_only_where_its_average_position_is_unused(tmp_path, capsys):
+    validate(compose_config(["recipe=rlaif", "model=tiny"]))
+    assert "judge_position" not in capsys.readouterr().err
+    for unused in ("method.judge_swap=false", "method.judge_mode=score"):
+        validate(compose_config(["recipe=rlaif", "model=tiny", unused]))
+        assert "warning: method.judge_position=average is unused" in capsys.readouterr().err, unused
+    # recipe=self_rewarding's rounds are rlaif in score mode: they set agree, so planning them says nothing.
+    plan_stages(validate(compose_config(["recipe=self_rewarding", "model=tiny", f"output_dir={tmp_path}"])))
+    assert "judge_position" not in capsys.readouterr().err
+
+
 def test_self_rewarding_rounds_each_start_from_the_last_and_judge_with_it(tmp_path):
     cfg = validate(
         compose_config(
