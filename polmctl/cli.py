@@ -521,16 +521,17 @@ def critique(
     """
     from rich.progress import Progress
 
-    from polmctl.commands.chat import check_dtype, load_for_chat, pick_device
+    from polmctl.commands.chat import load_for_chat, pick_device
     from polmctl.commands.critique import check_outputs, critique_and_revise, load_principles, pairs_path, write_jsonl
     from polmctl.data import load_rows
     from polmctl.data.prompts import prompt_rows
     from polmctl.errors import CommandError, DataError, ModelError
+    from polmctl.models.precision import check_dtype_flag
 
     pairs = pairs or pairs_path(out_path)
     try:
         check_outputs(out_path, pairs)
-        check_dtype(dtype)
+        check_dtype_flag(dtype)
         rules = load_principles(principles)
         rows, _ = prompt_rows(load_rows(source, split, max_rows=max_rows), source)
         if temperature > 0:

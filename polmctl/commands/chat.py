@@ -24,7 +24,7 @@ from transformers import TextStreamer, set_seed  # noqa: E402
 
 from polmctl.config.schema import GenerationConfig  # noqa: E402
 from polmctl.errors import CommandError, ConfigError  # noqa: E402
-from polmctl.models.precision import DTYPES  # noqa: E402
+from polmctl.models.precision import check_dtype_flag  # noqa: E402
 
 
 @dataclass
@@ -47,19 +47,13 @@ def pick_device(name: str) -> torch.device:
         raise CommandError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
 
 
-def check_dtype(name: str) -> None:
-    """--dtype takes model.dtype's choices; anything else is a CommandError before a model loads."""
-    if name not in DTYPES:
-        raise CommandError(f"--dtype {name}: choose one of {', '.join(DTYPES)}")
-
-
 def load_for_chat(name_or_path: str, device: torch.device, dtype: str = "auto_gpu"):
     """(model in eval mode, tokenizer) of a run dir, model dir, builtin:<name> or hub id, its
     weights in ``dtype`` (as model.dtype: auto_gpu, the default, is bf16 on recent GPUs)."""
     from polmctl.config.schema import ModelConfig
     from polmctl.models import load_model, load_tokenizer, model_head, resolve_model_path
 
-    check_dtype(dtype)
+    check_dtype_flag(dtype)
     cfg = ModelConfig(name_or_path=name_or_path, dtype=dtype)
     if model_head(resolve_model_path(name_or_path)) == "reward":
         raise CommandError(

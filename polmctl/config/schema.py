@@ -37,6 +37,10 @@ def positive(section: str, name: str, value: float, *, zero_ok: bool = False) ->
         raise ConfigError(f"{section}.{name}", f"must be {bound}, got {value!r}")
 
 
+# model.dtype's choices; also those of polmctl data critique --dtype and polmctl rollout-server --dtype
+MODEL_DTYPES = ("auto_gpu", "auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class RecipeInfo:
     name: str = option("custom", "recipe name (the file name in conf/recipe/)")
@@ -75,7 +79,7 @@ class ModelConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
 
     def check(self, section: str) -> None:
-        one_of(section, "dtype", self.dtype, ("auto_gpu", "auto", "float32", "bfloat16", "float16"))
+        one_of(section, "dtype", self.dtype, MODEL_DTYPES)
         one_of(section, "quantization", self.quantization, ("none", "nf4", "fp4", "int8"))
         if not self.name_or_path:
             raise ConfigError(f"{section}.name_or_path", "is empty; give builtin:<name>, a hub id or a path")

@@ -26,7 +26,9 @@ from types import MethodType
 
 import torch
 
+from polmctl.config.schema import MODEL_DTYPES
 from polmctl.console import console
+from polmctl.errors import CommandError
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -46,7 +48,12 @@ def cpu_bf16_features() -> list[str]:
 
 
 AUTO_DTYPES = ("auto_gpu", "auto")
-DTYPES = (*AUTO_DTYPES, "float32", "bfloat16", "float16")  # model.dtype's choices
+
+
+def check_dtype_flag(name: str) -> None:
+    """A command's --dtype takes model.dtype's choices; anything else is a CommandError before a model loads."""
+    if name not in MODEL_DTYPES:
+        raise CommandError(f"--dtype {name}: choose one of {', '.join(MODEL_DTYPES)}")
 
 
 def choose_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:

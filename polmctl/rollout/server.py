@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from polmctl.errors import CommandError
-from polmctl.models.precision import choose_dtype
+from polmctl.models.precision import check_dtype_flag, choose_dtype
 from polmctl.rollout.backends import (
     VLLM_MISSING,
     TransformersBackend,
@@ -45,7 +45,6 @@ from polmctl.rollout.client import PROTOCOL
 from polmctl.rollout.weights import base_weights, shapes, unpack
 
 ENGINES = ("auto", "vllm", "transformers")
-DTYPES = ("auto_gpu", "auto", "float32", "bfloat16", "float16")  # model.dtype's
 MAX_JSON_BODY = 256 * 2**20
 MAX_WEIGHTS_BODY = 16 * 2**30
 
@@ -255,8 +254,7 @@ def make_engine(
     ``dtype`` as ``model.dtype`` (its default, auto_gpu, is what the trainer picks by default)."""
     if engine not in ENGINES:
         raise CommandError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
-    if dtype not in DTYPES:
-        raise CommandError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_dtype_flag(dtype)
     if engine == "auto":
         import importlib.util
 
