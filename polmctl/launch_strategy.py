@@ -16,12 +16,12 @@ from pathlib import Path
 from polmctl.config.schema import RunConfig
 from polmctl.errors import ConfigError
 
-# Methods a DeepSpeed run has been tested with (tests/recipes/test_sharded.py). The others stop at
-# validation rather than run untested: under DeepSpeed a method's step gets accelerate's
-# DeepSpeedEngine, whose ``config`` is DeepSpeed's dict, not the model's (the shared-prompt forward
-# of the DPO family and GRPO reads the model's: "'dict' object has no attribute 'get_text_config'"),
-# and ZeRO-3's parameter fetching is not known to follow a layer run twice into one backward.
-DEEPSPEED_METHODS = ("sft", "kto", "reward_model")
+# Methods a DeepSpeed run has been tested with, ZeRO-2 and ZeRO-3 (tests/recipes/test_sharded.py and
+# docs/distributed.md: the DPO family's shared-prompt forward, which runs each layer twice into one
+# backward, gives the losses of one process; GRPO and PPO sample from the partitioned policy). The other
+# training methods (online DPO, rejection sampling, step DPO, PRM, unlearning) stop at validation
+# rather than run untested.
+DEEPSPEED_METHODS = ("sft", "kto", "reward_model", "dpo", "simpo", "cpo", "orpo", "grpo", "ppo", "distill")
 
 
 def config_file_strategy(path: Path) -> str:

@@ -77,7 +77,8 @@ def whole_model(acc: Accelerator) -> Iterator[None]:
     (deepspeed.zero.Init, whatever zero3_init_flag says), and in generate(), to keep every rank
     stepping (synced_gpus), which would hang rank 0's evaluation while the others wait. polmctl
     loads the whole model on each rank (references, evaluation before training and adapters need
-    it), ZeRO-3 partitions it when the trainer prepares it, and rank 0 evaluates the whole
+    it; a teacher or reward model a method loads stays whole), ZeRO-3 partitions the policy when
+    the trainer prepares it, and rank 0 evaluates the whole
     gathered copy. The config is registered again afterwards, for the rollouts' generate()."""
     plugin = acc.state.deepspeed_plugin if acc.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is None or plugin.zero_stage != 3:

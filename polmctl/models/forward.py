@@ -188,11 +188,22 @@ def pair_scores(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     return scores[:half], scores[half:]
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a distributed wrapper (DDP, DeepSpeed's engine; accelerate's own unwrapping),
+    for the model's own attributes: DeepSpeed's engine answers ``config`` with DeepSpeed's config
+    dict, and both wrappers' ``forward`` hide the model's signature. Forward passes that train still
+    go through the wrapper (DDP's gradient reduction)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
 def cache_keyword(model: torch.nn.Module) -> str:
     """The name of the KV-cache argument of the model's forward: transformers 5.x renamed
     past_key_values to cache (5.24 accepts both, warning on the old name)."""
     import inspect
 
+    model = unwrapped(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
@@ -200,5 +211,5 @@ def cache_keyword(model: torch.nn.Module) -> str:
 def is_prompt_learning(model: torch.nn.Module) -> bool:
     """A peft prompt or prefix tuning model: virtual tokens precede every input, so a KV cache or a
     shared prompt would not line up with the positions it expects."""
-    config = getattr(model, "active_peft_config", None)
+    config = getattr(unwrapped(model), "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))

@@ -9,7 +9,8 @@ base output in the matmul itself. Same function, same parameters and gradients u
 rounding (tests/models/test_fused_lora.py). Written as a peft ``LoraVariant``, peft's own hook
 for other LoRA forwards (DoRA is one), installed on layers that have no variant; merging is
 plain LoRA's (W + s B A), so merge_and_unload, export and merged sampling are unchanged.
-Falls back to peft's expression where addmm does not apply (a bias on B).
+Falls back to peft's expression where addmm does not apply (a bias on B) or
+cannot read the weights (partitioned by DeepSpeed ZeRO-3).
 
 With a bf16 (or fp16) base and peft's float32 adapters the update is computed in the base's
 dtype, from the input as it comes and A and B cast down, as ``torch.autocast`` would: peft's
@@ -49,7 +50,9 @@ class FusedLoraVariant(LoraVariant):
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         scaling = module.scaling[active_adapter]
         dropout = module.lora_dropout[active_adapter]
-        if lora_B.bias is not None:  # peft's own expression, in the adapters' dtype
+        # peft's own expression, in the adapters' dtype: with a bias on B, or with weights partitioned by
+        # ZeRO-3 (``ds_id``), which gathers a module's weights when the module is called, not when read.
+        if lora_B.bias is not None or hasattr(lora_B.weight, "ds_id"):
             return result + lora_B(lora_A(dropout(x.to(lora_A.weight.dtype)))) * scaling
         compute = result.dtype  # float32 adapters on a bf16 base: A and B cast down, not x and result up
         if lora_A.weight.dtype == compute:

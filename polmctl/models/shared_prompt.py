@@ -25,7 +25,13 @@ from __future__ import annotations
 import torch
 
 from polmctl.losses import IGNORE_INDEX
-from polmctl.models.forward import LabelledLogits, cache_keyword, forward_with_logits_at, is_prompt_learning
+from polmctl.models.forward import (
+    LabelledLogits,
+    cache_keyword,
+    forward_with_logits_at,
+    is_prompt_learning,
+    unwrapped,
+)
 from polmctl.models.packed_attention import common_prefix_length
 
 
@@ -69,7 +75,7 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict, *, entropy: bool = 
     distinct = list(prompts)  # in order of their index
     common = common_prefix_length(distinct) if len(distinct) > 1 else 0
     keyword = cache_keyword(model)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=unwrapped(model).config)  # not a wrapper's (DeepSpeed's engine: its own dict)
     if common:
         model(
             input_ids=ids.new_tensor([distinct[0][:common]]),

@@ -32,7 +32,7 @@ from typing import Iterator, Protocol, Sequence
 import torch
 
 from polmctl.errors import TrainingError
-from polmctl.models.forward import cache_keyword, is_prompt_learning
+from polmctl.models.forward import cache_keyword, is_prompt_learning, unwrapped
 from polmctl.rollout.generate import (
     cut_completion,
     decode_without_cache,
@@ -173,14 +173,15 @@ def _mergeable_lora_layers(model) -> list:
     float32 plain-tensor base weights. Left alone: prompt learning and other peft methods,
     LoRA variants whose merge is not the forward (aLoRA acts only after its invocation tokens),
     quantized bases (bitsandbytes, torchao, GPTQ: merging into them is lossy), bf16/fp16 bases
-    (W + dW rounded to bf16 loses most of dW: 4e-3 relative rounding), replicated layers."""
+    (W + dW rounded to bf16 loses most of dW: 4e-3 relative rounding), replicated layers, weights
+    sharded over ranks (ZeRO-3; FSDP2's are DTensors)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.variants import DoraLinearVariant
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from polmctl.models.fused_lora import FusedLoraVariant
 
-    model = _unwrap(model)
+    model = unwrapped(model)
     if not (hasattr(model, "merge_adapter") and hasattr(model, "peft_config")) or is_prompt_learning(model):
         return []
     base = model.get_base_model()
@@ -196,6 +197,8 @@ def _mergeable_lora_layers(model) -> list:
             return []
         for p in layer.get_base_layer().parameters(recurse=False):
             if type(p.data) is not torch.Tensor or p.dtype != torch.float32 or p.device.type == "meta":
+                return []
+            if hasattr(p, "ds_id"):  # partitioned by ZeRO-3: this rank holds a slice of the weight
                 return []
     return layers
 
@@ -222,7 +225,7 @@ def merged_lora(model, enabled: bool = True) -> Iterator[bool]:
     if not layers:
         yield False
         return
-    with merged_into_copies(_unwrap(model), layers):
+    with merged_into_copies(unwrapped(model), layers):
         yield True
 
 
@@ -427,7 +430,7 @@ class VLLMBackend:
         self.sleep_mode = sleep_mode
 
     def sample(self, model, tokenizer, prompts: list[str], samples_per_prompt: int, options) -> list[list[int]]:
-        model = _unwrap(model)
+        model = unwrapped(model)
         if is_prompt_learning(model):
             raise TrainingError(
                 "method.generation_backend=vllm cannot sample from prompt or prefix tuning "
@@ -512,10 +515,6 @@ class VLLMBackend:
             if peft:
                 model.unmerge_adapter()
         self.llm.reset_prefix_cache()
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _free_port() -> int:

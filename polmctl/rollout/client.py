@@ -39,7 +39,7 @@ import torch
 from rich.markup import escape
 
 from polmctl.errors import TrainingError
-from polmctl.models.forward import is_prompt_learning
+from polmctl.models.forward import is_prompt_learning, unwrapped
 from polmctl.rollout.weights import base_weights, chunked, is_peft, pack
 
 PROTOCOL = 1
@@ -171,7 +171,7 @@ class RemoteBackend:
     def sync(self, model, tokenizer) -> None:
         """Push the policy's weights if they changed since the last push (rank 0), and take the
         version they got (every rank)."""
-        model = _unwrap(model)
+        model = unwrapped(model)
         if self.server is None:
             self.server = self._connect(model, tokenizer)
         state = _state(model)
@@ -304,10 +304,6 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _jsonable(value):

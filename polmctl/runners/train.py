@@ -89,7 +89,9 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
             before = evaluate_run(cfg, model, tokenizer, run_dir, "before", reuse=resume is not None)
     acc.wait_for_everyone()
     # Online methods (GRPO, ...) make their batches by sampling the policy as it trains; None: the examples.
-    batches = objective.make_batches(examples, model=model, tokenizer=tokenizer, cfg=cfg, accelerator=acc)
+    # What they load (distillation's teacher, a reward model) is whole on every rank, not ZeRO-3-partitioned.
+    with whole_model(acc):
+        batches = objective.make_batches(examples, model=model, tokenizer=tokenizer, cfg=cfg, accelerator=acc)
     # A pruned model keeps its zeros through fine-tuning (trainer.keep_sparsity), re-applied after every step.
     sparsity = SparsityMasks.from_model(model) if cfg.trainer.keep_sparsity else None
     trainer = Trainer(

@@ -60,3 +60,20 @@ def test_dora_layers_keep_their_own_variant(tiny_model):
     assert fuse_lora_layers(model) == 0
     variants = [v for m in model.modules() if hasattr(m, "lora_variant") for v in m.lora_variant.values()]
     assert variants and not any(isinstance(v, FusedLoraVariant) for v in variants)
+
+
+def test_weights_partitioned_by_zero3_are_read_through_the_module_call(tiny_model):
+    """ZeRO-3 gathers a module's weights in its forward hooks: B (and A) must be called as modules,
+    not read, when their weights carry DeepSpeed's ``ds_id`` (a rank holds only a slice of them)."""
+    model = lora(tiny_model)
+    ids = torch.randint(5, 200, (1, 7))
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+    calls = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_B.default"):
+            module.weight.ds_id = 0  # what DeepSpeed sets on a partitioned parameter
+            module.register_forward_pre_hook(lambda module, args: calls.append(module))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, fused, rtol=1e-5, atol=1e-5)
+    assert calls and len(calls) == sum(1 for n, _ in model.named_modules() if n.endswith("lora_B.default"))

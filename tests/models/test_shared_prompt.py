@@ -103,3 +103,18 @@ def test_the_opening_all_prompts_share_runs_once(lora_model, tiny_tokenizer):
     hook.remove()
     # the opening once; each prompt's rest less its last token, left-padded; then every row's tail
     assert seen[:2] == [(1, len(opening)), (len(lengths), max(lengths) - 1)]
+
+
+def test_a_wrapped_model_shares_the_prompt_with_its_own_config(lora_model, tiny_tokenizer):
+    """Under DeepSpeed the step gets accelerate's DeepSpeedEngine, whose ``config`` is DeepSpeed's dict;
+    the KV cache is built from the wrapped model's (base.unwrapped: accelerate's unwrapping). A CPU
+    DataParallel (forward: the module's) stands in for the engine here."""
+    batch = group_batch(tiny_tokenizer.pad_token_id)
+    wrapped = torch.nn.DataParallel(lora_model)
+    wrapped.config = {"train_micro_batch_size_per_gpu": 1}  # as DeepSpeedEngine.config
+    assert base.unwrapped(wrapped) is lora_model
+    assert base.cache_keyword(wrapped) == base.cache_keyword(lora_model)
+    with torch.no_grad():
+        through, plain = shared_prompt_logps(wrapped, batch), shared_prompt_logps(lora_model, batch)
+    assert through is not None and plain is not None
+    torch.testing.assert_close(through[0], plain[0])

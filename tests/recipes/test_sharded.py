@@ -1,6 +1,6 @@
-"""Sharded training in two CPU processes (gloo): FSDP2 runs the training methods (SFT, LoRA, DPO,
-KTO, reward model, distillation, GRPO, PPO), DeepSpeed ZeRO-3 runs SFT, LoRA, KTO and reward
-models; what ran is recorded (summary.json, the log).
+"""Sharded training in two CPU processes (gloo): FSDP2 and DeepSpeed ZeRO-3 run the training methods
+(SFT, LoRA, DPO, KTO, reward model, distillation, GRPO, PPO); what ran is recorded (summary.json,
+the log).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/recipes/test_sharded.py
 
@@ -45,6 +45,10 @@ def launch(run_dir: Path, *overrides: str, config: str = "fsdp", check: bool = T
 
 def losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    return [m["grad_norm"] for m in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -175,26 +179,55 @@ def test_fsdp_runs_the_offline_methods(recipe, overrides, tmp_path):
 
 # -- DeepSpeed ZeRO-3 (pip install 'polmctl[deepspeed]'; on CPU DS_ACCELERATOR=cpu, gloo) -------------
 
-ZERO3 = ["trainer.max_steps=2", "trainer.grad_accum=1", "trainer.save_every=0", "data.max_rows=40", "trainer.lr=1e-2"]
+ZERO3 = ["trainer.max_steps=2", "trainer.grad_accum=1", "trainer.save_every=0", "data.max_rows=40"]
 ZERO3 += ["peft.dropout=0"]  # LoRA's dropout masks come from each rank's own RNG stream (sft: peft=none)
+# A low lr for comparing weights: Adam moves a weight whose gradient is near 0 by about lr, in whichever
+# direction float rounding tips it (at lr=1e-2 a few of the partitioned model's 2.7M weights differed by
+# up to 6e-4 from one process's, with equal losses and gradient norms).
+ZERO3 += ["trainer.lr=1e-4"]
+
+
+def write_partitioned_model(path: Path, seed: int = 0) -> str:
+    """The tiny Llama, wide enough for ZeRO-3 to partition it: a weight of up to
+    stage3_param_persistence_threshold elements (1e5 by default) is kept whole on every rank, which is
+    every weight of model=tiny, so that would test none of ZeRO-3's fetching. Here the attention
+    projections and MLP weights (147k-295k elements) are partitioned; the embedding, norms and LoRA
+    adapters stay whole."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from polmctl.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=seed, hidden_size=384, intermediate_size=768)
+    threshold = DeepSpeedZeroConfig().param_persistence_threshold
+    assert sum(p.numel() > threshold for p in model.parameters()) == 10  # 5 weights in each of the 2 layers
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return f"model.name_or_path={path}"
+
+
+@pytest.fixture(scope="module")
+def zero3_model(tmp_path_factory) -> str:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'polmctl[deepspeed]'")
+    return write_partitioned_model(tmp_path_factory.mktemp("partitioned"))
 
 
 @pytest.mark.parametrize("recipe", ["sft", "lora"])
-def test_zero3_trains_and_gathers_final_on_rank_0(recipe, train_recipe, tmp_path):
+def test_zero3_trains_and_gathers_final_on_rank_0(recipe, zero3_model, train_recipe, tmp_path):
     """The first DeepSpeed run on a machine compiles its CPU ops (about 3 minutes on 2 cores)."""
-    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'polmctl[deepspeed]'")
-    one = train_recipe(recipe, "model.dtype=float32", *ZERO3, "trainer.micro_batch_size=2")
+    one = train_recipe(recipe, "model.dtype=float32", zero3_model, *ZERO3, "trainer.micro_batch_size=2")
     run_dir = tmp_path / f"zero3_{recipe}"
     # Rank 0 evaluates alone (generation included) before and after; the others wait for it.
     evals = ["eval.tasks=[arithmetic]", "eval.before=true", "eval.max_samples=4", "eval.max_new_tokens=4"]
     evals += ["trainer.micro_batch_size=1"]
-    launch(run_dir, f"recipe={recipe}", *ZERO3, *evals, config="deepspeed_zero3", timeout=600)
+    launch(run_dir, f"recipe={recipe}", zero3_model, *ZERO3, *evals, config="deepspeed_zero3", timeout=600)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval"]["before"] and summary["eval"]["after"]
     distributed = summary["distributed"]
     assert (distributed["strategy"], distributed["processes"], distributed["backend"]) == ("deepspeed_zero3", 2, "gloo")
     # The same global batch as one process; DeepSpeed clips at its config's gradient_clipping (1.0, as polmctl's).
     assert losses(run_dir) == pytest.approx(one.losses, rel=1e-4)
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(one.dir), rel=1e-4)
     if recipe == "lora":
         adapter = load_file(run_dir / "final" / "adapter_model.safetensors")
         assert_same_weights(adapter, load_file(one.dir / "final" / "adapter_model.safetensors"), rtol=1e-3, atol=1e-5)
@@ -202,11 +235,63 @@ def test_zero3_trains_and_gathers_final_on_rank_0(recipe, train_recipe, tmp_path
         assert_same_weights(weights(run_dir / "final"), weights(one.dir / "final"), rtol=1e-3, atol=1e-4)
 
 
+def test_zero3_dpo_runs_each_layer_twice_into_one_backward_like_one_process(zero3_model, train_recipe, tmp_path):
+    """DPO's shared-prompt forward (models/shared_prompt.py) runs every layer on the prompt, then again
+    on the answers over the prompt's KV cache, with gradients into both passes: ZeRO-3 must gather a
+    partitioned layer's weights again for the first pass's backward. Full fine-tuning, so the trained
+    weights are partitioned too. One pair per rank and micro-batch: its two rows share their prompt."""
+    steps = [zero3_model, *ZERO3, "peft=none"]
+    one = train_recipe("dpo", "model.dtype=float32", *steps, "trainer.micro_batch_size=2")
+    run_dir = tmp_path / "zero3_dpo"
+    launch(run_dir, "recipe=dpo", *steps, "trainer.micro_batch_size=1", config="deepspeed_zero3", timeout=600)
+    assert json.loads((run_dir / "summary.json").read_text())["distributed"]["strategy"] == "deepspeed_zero3"
+    # Each step's gradient norm (before clipping), and step 2's loss after an update made with step 1's.
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(one.dir), rel=1e-4)
+    assert losses(run_dir) == pytest.approx(one.losses, rel=1e-4)
+    assert_same_weights(weights(run_dir / "final"), weights(one.dir / "final"), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides",
+    [
+        ("grpo", [LOWERCASE, "method.num_generations=4", "method.max_new_tokens=8", "trainer.micro_batch_size=4"]),
+        ("ppo", [LOWERCASE, "method.max_new_tokens=8", "trainer.micro_batch_size=4"]),
+        ("distill", ["method.on_policy_fraction=1", "method.max_new_tokens=8", "trainer.micro_batch_size=2"]),
+    ],
+)
+def test_zero3_samples_from_the_partitioned_policy(recipe, overrides, zero3_model, tmp_path, monkeypatch):
+    """GRPO (shared-prompt forward), PPO (value head) and on-policy distillation sample their batches
+    from the partitioned policy on every rank (transformers' synced_gpus under ZeRO-3); distillation's
+    teacher, loaded from a model dir, is whole on every rank, not partitioned as it loads."""
+    monkeypatch.setenv("POLMCTL_ALLOW_TARGETS", "tests")  # the reward _target_ lives in tests/
+    if recipe == "distill":
+        overrides = [*overrides, f"method.teacher={tmp_path / 'teacher'}"]
+        write_partitioned_model(tmp_path / "teacher", seed=1)
+    run_dir = tmp_path / recipe
+    launch(run_dir, f"recipe={recipe}", zero3_model, *ZERO3, *overrides, config="deepspeed_zero3", timeout=600)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["grad_norm"]])).all() for m in lines)
+    if recipe == "distill":
+        assert all(m["on_policy"] == 1 for m in lines)  # both steps trained on the student's own samples
+    else:
+        assert all("reward" in m for m in lines)
+    assert json.loads((run_dir / "summary.json").read_text())["distributed"]["strategy"] == "deepspeed_zero3"
+    assert weights(run_dir / "final")  # the gathered policy loads with from_pretrained
+
+
 @pytest.mark.parametrize("recipe", ["kto", "reward_model"])
-def test_zero3_runs_kto_and_reward_models(recipe, tmp_path):
-    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'polmctl[deepspeed]'")
+def test_zero3_runs_kto_and_reward_models(recipe, zero3_model, tmp_path):
     run_dir = tmp_path / f"zero3_{recipe}"
-    launch(run_dir, f"recipe={recipe}", *ZERO3, "trainer.micro_batch_size=2", config="deepspeed_zero3", timeout=600)
+    launch(
+        run_dir,
+        f"recipe={recipe}",
+        zero3_model,
+        *ZERO3,
+        "trainer.micro_batch_size=2",
+        config="deepspeed_zero3",
+        timeout=600,
+    )
     assert len(losses(run_dir)) == 2 and all(torch.isfinite(torch.tensor(losses(run_dir))))
     assert json.loads((run_dir / "summary.json").read_text())["distributed"]["strategy"] == "deepspeed_zero3"
     final = run_dir / "final"
