@@ -16,13 +16,6 @@ from pathlib import Path
 from polmctl.config.schema import RunConfig
 from polmctl.errors import ConfigError
 
-# Methods a DeepSpeed run has been tested with, ZeRO-2 and ZeRO-3 (tests/recipes/test_sharded.py and
-# docs/distributed.md: the DPO family's shared-prompt forward, which runs each layer twice into one
-# backward, gives the losses of one process; GRPO and PPO sample from the partitioned policy). The other
-# training methods (online DPO, rejection sampling, step DPO, PRM, unlearning) stop at validation
-# rather than run untested.
-DEEPSPEED_METHODS = ("sft", "kto", "reward_model", "dpo", "simpo", "cpo", "orpo", "grpo", "ppo", "distill")
-
 
 def config_file_strategy(path: Path) -> str:
     """single | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3 (or a ConfigError for what polmctl does not run)."""
@@ -108,10 +101,4 @@ def _check_deepspeed(run: RunConfig, strategy: str) -> None:
             "trainer.save_every",
             "DeepSpeed's own checkpoints are pickles (polmctl never unpickles a checkpoint); set "
             "trainer.save_every=0 (final/ is still written, gathered on rank 0)",
-        )
-    if run.method.name not in DEEPSPEED_METHODS:
-        raise ConfigError(
-            "method.name",
-            f"{run.method.name} is not run under DeepSpeed by polmctl yet (tested: {', '.join(DEEPSPEED_METHODS)}, "
-            "with or without LoRA); use launcher.config_file=fsdp (every training method) or ddp",
         )

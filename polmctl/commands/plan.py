@@ -69,15 +69,9 @@ def _tokens(examples: list[dict], stats: Any) -> int | None:
 
 
 def plan_data(cfg: RunConfig, tokenizer, objective) -> dict:
-    from polmctl.data import load_rows
+    from polmctl.data import load_config_rows
 
-    rows = load_rows(
-        cfg.data.source,
-        cfg.data.split,
-        max_rows=cfg.data.max_rows,
-        options=dict(cfg.data.options) or None,
-        hub_config=cfg.data.hub_config,
-    )
+    rows = load_config_rows(cfg.data)
     examples, stats = objective.encode(rows, tokenizer, cfg.data)
     per_row, longest = _examples_shape(examples, cfg.data.max_length)
     return {

@@ -49,6 +49,18 @@ def load_rows(
     return rows[:max_rows] if max_rows is not None else rows
 
 
+def load_config_rows(data, max_rows: int | None = None) -> list[dict]:
+    """``load_rows`` of a run's ``data`` config (source, split, options, hub config), at most
+    ``max_rows`` rows (default ``data.max_rows``)."""
+    return load_rows(
+        data.source,
+        data.split,
+        max_rows=data.max_rows if max_rows is None else max_rows,
+        options=dict(data.options) or None,
+        hub_config=data.hub_config,
+    )
+
+
 def _builtin(name: str, split: str, options: dict) -> list[dict]:
     if name not in BUILTIN_SOURCES:
         raise DataError(

@@ -102,6 +102,19 @@ class BatchSource:
             setattr(self, name, state.get(name, 0))
 
 
+def on_every_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (``flag`` itself in one). An online batch source that
+    samples again until it has enough decides with the other ranks: under ZeRO-3 and FSDP each
+    generate() is a collective, so a rank sampling once more alone would hang the others."""
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return flag
+    return reduce(torch.tensor(float(not flag), device=state.device), reduction="max").item() == 0
+
+
 class OfflineBatches(BatchSource):
     """A fixed, encoded dataset served in seeded epochs: each step, ``grad_accum`` collated
     micro-batches. Online methods give the trainer their own BatchSource, which makes its

@@ -54,7 +54,7 @@ from polmctl.console import warn
 from polmctl.data import format_prompt
 from polmctl.data.preference import preference_collate
 from polmctl.data.prompts import prompt_of, prompt_rows
-from polmctl.engine.batches import BatchSampler, BatchSource
+from polmctl.engine.batches import BatchSampler, BatchSource, on_every_rank
 from polmctl.engine.contract import LossTerms, Objective
 from polmctl.errors import ConfigError, TrainingError
 from polmctl.methods.judging import POLICY, REFERENCE, build_judge
@@ -318,7 +318,7 @@ class OnlineDPOBatches(BatchSource):
             _add(sums, {"frac_ended_with_eos": (ended.float().sum().item(), len(ids))})
             if correct is not None:
                 _add(sums, {"verifiable/accuracy": (sum(correct), len(correct))})
-            if len(pairs) >= self.pairs_per_step:
+            if on_every_rank(len(pairs) >= self.pairs_per_step):
                 break
         if not pairs:
             judged = ", ".join(

@@ -29,7 +29,7 @@ import torch
 from polmctl.config.schema import option, positive
 from polmctl.data import encode_dataset
 from polmctl.data.prompts import prompt_of, prompt_rows
-from polmctl.engine.batches import BatchSampler, BatchSource, OfflineBatches
+from polmctl.engine.batches import BatchSampler, BatchSource, OfflineBatches, on_every_rank
 from polmctl.engine.contract import LossTerms, Objective
 from polmctl.errors import TrainingError
 from polmctl.methods.sft import SFTObjective
@@ -111,6 +111,7 @@ class RejectionSamplingBatches(BatchSource):
     def _new_round(self, model) -> None:
         m = self.method
         started = time.perf_counter()
+        accepted: list[dict] = []
         for _ in range(m.max_empty_rounds):
             rows = [self.rows[i] for i in self.sampler.next()]
             _, texts, total, _ = sample_and_score(
@@ -124,10 +125,10 @@ class RejectionSamplingBatches(BatchSource):
                 backend=self.backend,
             )
             self.rounds += 1
-            accepted = self._accepted(rows, texts, total.tolist())
-            if accepted:
+            accepted += self._accepted(rows, texts, total.tolist())
+            if on_every_rank(bool(accepted)):  # a rank with answers samples again beside one without
                 break
-        else:
+        if not accepted:
             raise TrainingError(
                 f"rejection sampling: {m.max_empty_rounds} rounds in a row accepted no answer "
                 f"(method.threshold={m.threshold}); lower the threshold, raise method.num_samples "

@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from polmctl.config.schema import RunConfig
 from polmctl.console import console
-from polmctl.data import encode_dataset, load_rows, pad_collate
+from polmctl.data import encode_dataset, load_config_rows, pad_collate
 from polmctl.engine.checkpoint import newest_checkpoint
 from polmctl.engine.metrics import write_json
 from polmctl.engine.progress import summary_table
@@ -247,13 +247,7 @@ def calibration_record(cfg: RunConfig, n_rows: int, before, after) -> dict[str, 
 def calibration_examples(cfg: RunConfig, tokenizer) -> list[dict]:
     """``method.calibration_rows`` rows of the run's data, encoded with every token labelled
     (preference rows calibrate on prompt + chosen answer)."""
-    rows = load_rows(
-        cfg.data.source,
-        cfg.data.split,
-        max_rows=cfg.method.calibration_rows,
-        options=dict(cfg.data.options) or None,
-        hub_config=cfg.data.hub_config,
-    )
+    rows = load_config_rows(cfg.data, max_rows=cfg.method.calibration_rows)
     rows = [
         {"prompt": r["prompt"], "completion": r["chosen"]} if "chosen" in r and "completion" not in r else r
         for r in rows

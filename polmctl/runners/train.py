@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from polmctl.compress.sparsity import SparsityMasks
 from polmctl.config.schema import RunConfig
 from polmctl.console import console
-from polmctl.data import load_rows
+from polmctl.data import load_config_rows
 from polmctl.engine.checkpoint import resolve_resume
 from polmctl.engine.device import keep_until_exit, make_accelerator, whole_model
 from polmctl.engine.metrics import peak_memory_mb
@@ -50,19 +50,15 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     if resume is not None:
         check_resume(resume, cfg, run_dir)  # another model or peft shape: refused before anything loads
 
-    # Data first: a bad file or column fails here, before any model weights load.
-    tokenizer = load_tokenizer(cfg.model)
-    rows = load_rows(
-        cfg.data.source,
-        cfg.data.split,
-        max_rows=cfg.data.max_rows,
-        options=dict(cfg.data.options) or None,
-        hub_config=cfg.data.hub_config,
-    )
-    examples, stats = objective.encode(rows, tokenizer, cfg.data)
-    console.print(f"[bold]data[/] {cfg.data.source}: {stats.summary()}")
+    # ZeRO-3 partitions the policy when the trainer prepares it, not as it loads; a model the data loads
+    # (builtin:facts' data.options.known_by answers its questions) is whole on every rank too.
+    with whole_model(acc):
+        # Data first: a bad file or column fails here, before any model weights load.
+        tokenizer = load_tokenizer(cfg.model)
+        rows = load_config_rows(cfg.data)
+        examples, stats = objective.encode(rows, tokenizer, cfg.data)
+        console.print(f"[bold]data[/] {cfg.data.source}: {stats.summary()}")
 
-    with whole_model(acc):  # ZeRO-3 shards the model when the trainer prepares it, not as it loads
         model = load_model(
             cfg.model,
             device=acc.device,

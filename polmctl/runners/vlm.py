@@ -26,7 +26,7 @@ from typing import Any
 
 from polmctl.config.schema import RunConfig
 from polmctl.console import console
-from polmctl.data import load_rows
+from polmctl.data import load_config_rows, load_rows
 from polmctl.engine.device import make_accelerator
 from polmctl.engine.metrics import peak_memory_mb, write_json
 from polmctl.engine.trainer import Trainer
@@ -48,17 +48,7 @@ def run_vlm(cfg: RunConfig) -> dict[str, Any]:
     acc = make_accelerator(cfg.trainer, cfg.logger, run_dir)
 
     # Data first: a bad file, column or picture fails here, before any model weights load.
-    rows = (
-        load_rows(
-            cfg.data.source,
-            cfg.data.split,
-            max_rows=cfg.data.max_rows,
-            options=dict(cfg.data.options) or None,
-            hub_config=cfg.data.hub_config,
-        )
-        if m.train
-        else None
-    )
+    rows = load_config_rows(cfg.data) if m.train else None
     held_out = _eval_rows(cfg)
 
     saved = is_vlm_dir(resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir))

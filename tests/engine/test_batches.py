@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from polmctl.engine.batches import BatchSampler
+from polmctl.engine.batches import BatchSampler, on_every_rank
 
 pytestmark = pytest.mark.unit
 
@@ -45,3 +45,9 @@ def test_upcoming_rows_are_the_rows_the_next_batches_take_and_do_not_move_the_sa
     state = sampler.state_dict()
     taken = {i for _ in range(4) for i in sampler.next()}
     assert upcoming == sorted(taken) and state == {"epoch": 0, "cursor": 3}
+
+
+def test_in_one_process_every_rank_is_this_one():
+    """Several ranks agreeing (online DPO, rejection sampling resampling together) runs in
+    tests/recipes/test_sharded.py under ZeRO-3."""
+    assert on_every_rank(True) is True and on_every_rank(False) is False

@@ -1,6 +1,6 @@
 """Sharded training in two CPU processes (gloo): FSDP2 and DeepSpeed ZeRO-3 run the training methods
-(SFT, LoRA, DPO, KTO, reward model, distillation, GRPO, PPO); what ran is recorded (summary.json,
-the log).
+(SFT, LoRA, DPO, KTO, reward model, distillation, GRPO, PPO; under ZeRO-3 also online DPO, rejection
+sampling, step DPO, PRM and unlearning); what ran is recorded (summary.json, the log).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/recipes/test_sharded.py
 
@@ -12,6 +12,7 @@ tests at the end are written for a machine with two or more CUDA devices and ski
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -293,6 +294,84 @@ def test_zero3_runs_kto_and_reward_models(recipe, zero3_model, tmp_path):
         timeout=600,
     )
     assert len(losses(run_dir)) == 2 and all(torch.isfinite(torch.tensor(losses(run_dir))))
+    assert json.loads((run_dir / "summary.json").read_text())["distributed"]["strategy"] == "deepspeed_zero3"
+    final = run_dir / "final"
+    assert (final / "model.safetensors").is_file() or (final / "adapter_model.safetensors").is_file()
+
+
+SHORT = ["method.max_new_tokens=8", "trainer.micro_batch_size=2"]
+RANK_1_AGAIN = "method.rewards=[{_target_: tests.recipes.test_sharded.nothing_on_rank_1_at_first}]"
+_rollouts = 0  # in this process (rank)
+
+
+def nothing_on_rank_1_at_first(prompts, completions, **_):
+    """1 + lowercase's share (every answer passes method.threshold=1), but 0 for every answer of rank 1's
+    first rollout: online DPO finds only ties there and rejection sampling accepts nothing, so rank 1
+    must sample again while rank 0 has what it needs."""
+    global _rollouts
+    _rollouts += 1
+    if (os.environ.get("RANK"), _rollouts) == ("1", 1):
+        return [0.0] * len(completions)
+    return [1 + sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def write_fact_answering_model(path: Path, answer: str = "Lima red.") -> str:
+    """A model of write_partitioned_model's size whose greedy reply to any prompt is ``answer`` over and
+    over: its layers add nothing (o_proj and down_proj are zero) and its own (untied) LM head maps each
+    token of ``answer`` to the next, any other token to the first. builtin:facts' ``known_by`` finds that
+    it knows the capital of Peru (a forget fact) and three things that are red (retain facts)."""
+    from polmctl.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, hidden_size=384, intermediate_size=768)
+    cycle = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert len(set(cycle)) == len(cycle)  # one next token for each
+    follows = torch.full((len(tokenizer),), cycle[0])
+    follows[cycle] = torch.tensor(cycle[1:] + cycle[:1])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(len(tokenizer), model.config.hidden_size))
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros(len(tokenizer), model.config.hidden_size))
+        model.lm_head.weight[follows, torch.arange(len(tokenizer))] = 1.0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides",
+    [
+        ("online_dpo", [RANK_1_AGAIN, "method.num_generations=4", *SHORT]),
+        (
+            "rejection_sampling",
+            [RANK_1_AGAIN, "method.threshold=1", "method.num_samples=2", "method.prompts_per_round=2"]
+            + ["method.steps_per_round=1", *SHORT],
+        ),
+        ("step_dpo", ["trainer.micro_batch_size=2"]),
+        ("prm", ["trainer.micro_batch_size=2"]),
+        ("unlearn", ["trainer.micro_batch_size=1"]),
+    ],
+)
+def test_zero3_runs_the_other_training_methods(recipe, overrides, zero3_model, tmp_path, monkeypatch):
+    """Online DPO and rejection sampling (a round each step) sample from the partitioned policy, and
+    rank 1 samples its first step again beside rank 0 (each generate() is a collective); step DPO and PRM
+    train offline; unlearning's data keeps the facts a model answers right (data.options.known_by),
+    generating with that model before training: whole on every rank, not partitioned as it loads."""
+    monkeypatch.setenv("POLMCTL_ALLOW_TARGETS", "tests")  # the reward _target_ lives in tests/
+    if recipe == "unlearn":
+        overrides = [*overrides, f"data.options.known_by={write_fact_answering_model(tmp_path / 'knows')}"]
+    run_dir = tmp_path / recipe
+    launch(run_dir, f"recipe={recipe}", zero3_model, *ZERO3, *overrides, config="deepspeed_zero3", timeout=600)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["grad_norm"]])).all() for m in lines)
+    if recipe == "rejection_sampling":  # the first round sampled twice (every rank), the second once
+        assert [m["round"] for m in lines] == [2, 3]
+    if recipe == "online_dpo":  # 2 prompts per rollout: 2 rollouts on each rank, then 1
+        assert [m["groups"] for m in lines] == [4, 2] and all(m["pairs"] == 2 for m in lines)
     assert json.loads((run_dir / "summary.json").read_text())["distributed"]["strategy"] == "deepspeed_zero3"
     final = run_dir / "final"
     assert (final / "model.safetensors").is_file() or (final / "adapter_model.safetensors").is_file()
