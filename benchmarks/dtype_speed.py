@@ -30,11 +30,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_trl import peak_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -74,23 +76,6 @@ def build_random_llama(shape: str, tokenizer_dir: Path, out: Path, device: str) 
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
     return out
-
-
-def peak_flops(dtype: torch.dtype, hidden: int, intermediate: int, device: str) -> float:
-    """Best FLOP/s of a [4096, hidden] @ [hidden, intermediate] matmul on ``device``."""
-    a = torch.randn(4096, hidden, dtype=dtype, device=device)
-    b = torch.randn(hidden, intermediate, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(8):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - started) / 10)
-    return 2 * 4096 * hidden * intermediate / best
 
 
 def one_run(model: str, method: str, dtype: str, steps: int, run_dir: Path, extra: list[str]) -> dict:
@@ -144,7 +129,7 @@ def main() -> None:
         model = str(materialise_builtin(model.removeprefix("builtin:")))
     config = AutoConfig.from_pretrained(model) if Path(model).is_dir() else None  # a hub id: no MFU
     hidden, inter = (config.hidden_size, config.intermediate_size) if config else (576, 1536)
-    peaks = {d: peak_flops(getattr(torch, d), hidden, inter, device) for d in DTYPES}
+    peaks = {d: peak_flops(getattr(torch, d), hidden, inter, 8, rows=4096, device=device) for d in DTYPES}
 
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "device": device, "model": model}
     if device == "cuda":

@@ -57,18 +57,24 @@ METHODS = ("sft", "dpo", "grpo")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def peak_flops(dtype: torch.dtype, hidden: int, intermediate: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a [512, hidden] @ [hidden, intermediate] matmul (the MLP's up-projection)."""
-    a, b = torch.randn(512, hidden, dtype=dtype), torch.randn(hidden, intermediate, dtype=dtype)
+def peak_flops(
+    dtype: torch.dtype, hidden: int, intermediate: int, repeats: int = 5, *, rows: int = 512, device: str = "cpu"
+) -> float:
+    """Best FLOP/s of a [rows, hidden] @ [hidden, intermediate] matmul (the MLP's up-projection) on ``device``."""
+    a = torch.randn(rows, hidden, dtype=dtype, device=device)
+    b = torch.randn(hidden, intermediate, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # CUDA matmuls return before they finish
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync()
         started = time.perf_counter()
         for _ in range(10):
             a @ b
+        sync()
         best = min(best, (time.perf_counter() - started) / 10)
-    return 2 * 512 * hidden * intermediate / best
+    return 2 * rows * hidden * intermediate / best
 
 
 def base_parameters(model) -> int:
