@@ -13,13 +13,15 @@ Features and the flag that controls each:
   DPO variants                    method.loss: sigmoid | ipo | robust | hinge | bco_pair | apo_zero | apo_down
                                   | exo_pair | nca_pair | sppo_hard; method.label_smoothing (EXO's epsilon)
   reference log-probs, once       method.precompute_ref_logps (default true; cached on disk)
+  an SFT term on chosen answers   method.sft_weight (DPO: RPO; SimPO: CPO-SimPO; CPO and ORPO: 1)
   no second model copy with LoRA  the reference is the policy with its adapters disabled (methods/reference.py)
 Chosen and rejected go through the model as one batch of 2B rows; each pair's prompt runs once,
 the LM head only on answer tokens, and log-probs are gathered with a logsumexp rather than a
 full log-softmax (polmctl/models/forward.py). The losses are in polmctl/losses/preference.py.
 
 CPO and ORPO add the NLL of the chosen answer averaged over its own tokens, then over pairs (the
-papers' per-sequence NLL). TRL averages that NLL over all chosen tokens of the batch instead, so
+papers' per-sequence NLL), weighted by method.sft_weight (1 for them; DPO's RPO term and SimPO's
+CPO-SimPO term are the same NLL, off by default). TRL averages that NLL over all chosen tokens of the batch instead, so
 long answers weigh more there; the two agree when the chosen answers have equal lengths.
 """
 
@@ -53,10 +55,14 @@ class DPOMethod:
         0.0, "assumed fraction of flipped labels (sigmoid: conservative DPO, robust; exo_pair: EXO's epsilon)"
     )
     precompute_ref_logps: bool = option(True, "score the data with the reference once before training (cached)")
+    sft_weight: float = option(
+        0.0, "weight of the chosen answer's NLL added to the loss (RPO, Pang et al. 2024; TRL's rpo_alpha)"
+    )
 
     def check(self, section: str) -> None:
         one_of(section, "loss", self.loss, losses.DPO_LOSS_TYPES)
         positive(section, "beta", self.beta)
+        positive(section, "sft_weight", self.sft_weight, zero_ok=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"{section}.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")
         if self.loss == "exo_pair" and self.label_smoothing == 0:
@@ -71,28 +77,36 @@ class SimPOMethod:
     name: str = option("simpo", "simpo: reference-free, length-normalised rewards with a target margin")
     beta: float = option(2.0, "reward scale")
     gamma: float = option(0.5, "target reward margin between chosen and rejected (TRL's simpo_gamma)")
+    sft_weight: float = option(
+        0.0, "weight of the chosen answer's NLL added to the loss (CPO-SimPO; TRL's cpo_alpha with loss_type=simpo)"
+    )
 
     def check(self, section: str) -> None:
         positive(section, "beta", self.beta)
         positive(section, "gamma", self.gamma, zero_ok=True)
+        positive(section, "sft_weight", self.sft_weight, zero_ok=True)
 
 
 @dataclass
 class CPOMethod:
     name: str = option("cpo", "cpo: reference-free preference term plus NLL on the chosen answer")
     beta: float = option(0.1, "scale of the preference term's log-ratio")
+    sft_weight: float = option(1.0, "weight of the chosen answer's NLL (TRL's cpo_alpha; 0: the preference term alone)")
 
     def check(self, section: str) -> None:
         positive(section, "beta", self.beta)
+        positive(section, "sft_weight", self.sft_weight, zero_ok=True)
 
 
 @dataclass
 class ORPOMethod:
     name: str = option("orpo", "orpo: SFT on chosen plus an odds-ratio penalty on rejected, no reference")
     beta: float = option(0.1, "weight of the odds-ratio term (lambda in the paper)")
+    sft_weight: float = option(1.0, "weight of the chosen answer's NLL (the paper's SFT term, 1)")
 
     def check(self, section: str) -> None:
         positive(section, "beta", self.beta)
+        positive(section, "sft_weight", self.sft_weight, zero_ok=True)
 
 
 class PairwiseObjective(Objective):
@@ -156,11 +170,13 @@ class PairwiseObjective(Objective):
             loss, metrics = losses.simpo_loss(chosen / n_c, rejected / n_r, beta=m.beta, gamma=m.gamma)
         elif m.name == "cpo":
             loss, metrics = losses.cpo_loss(chosen, rejected, beta=m.beta)
-            loss = loss - chosen / n_c  # + the chosen answer's NLL, per sequence
         else:  # orpo
             loss, metrics = losses.orpo_loss(chosen / n_c, rejected / n_r, beta=m.beta)
-            loss = loss - chosen / n_c  # + the chosen answer's NLL, per sequence
         metrics = {k: v.detach().float().sum() for k, v in metrics.items()}
+        if m.sft_weight:  # + the chosen answer's NLL, per sequence (on the raw log-probs, not IPO's averages)
+            nll = -logps[:half] / n_c
+            loss = loss + m.sft_weight * nll
+            metrics["nll"] = nll.detach().sum()
         metrics["logps/chosen"] = chosen.detach().sum()
         metrics["logps/rejected"] = rejected.detach().sum()
         return LossTerms(loss_sum=loss.sum(), weight=half, metrics=metrics)

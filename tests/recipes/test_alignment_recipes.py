@@ -45,9 +45,17 @@ def test_preference_recipe_trains_and_separates_the_pairs(train_recipe, recipe):
         assert lines[0]["rewards/accuracies"] == 0.0 and lines[-1]["rewards/accuracies"] >= 0.75
 
 
-def test_dpo_starts_at_ln2_when_policy_equals_reference(train_recipe):
-    run = train_recipe("dpo", *REPEATED_BATCH[:3], "trainer.max_steps=1")
-    assert read_metrics(run.dir / "metrics.jsonl")[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+def test_dpo_starts_at_ln2_when_policy_equals_reference(train_recipe, tmp_path):
+    """recipe=dpo adds the chosen answer's NLL (RPO, method.sft_weight=1): the loss less that term is
+    DPO's ln 2; with method.sft_weight=0 the loss is ln 2 alone."""
+    run = train_recipe("dpo", *REPEATED_BATCH[:3], "trainer.max_steps=1", run_dir=tmp_path / "rpo")
+    first = read_metrics(run.dir / "metrics.jsonl")[0]
+    assert first["nll"] > 1 and first["loss"] - first["nll"] == pytest.approx(0.693147, abs=1e-5)
+    run = train_recipe(
+        "dpo", *REPEATED_BATCH[:3], "trainer.max_steps=1", "method.sft_weight=0", run_dir=tmp_path / "dpo"
+    )
+    first = read_metrics(run.dir / "metrics.jsonl")[0]
+    assert "nll" not in first and first["loss"] == pytest.approx(0.693147, abs=1e-5)
 
 
 def test_reference_paths_agree(train_recipe, tmp_path):
@@ -66,6 +74,7 @@ def test_full_finetuning_dpo_keeps_a_frozen_reference(train_recipe):
         "peft=none",
         "method.precompute_ref_logps=false",
         "trainer.lr=1e-3",
+        "method.sft_weight=0",
         *REPEATED_BATCH[:3],
         "trainer.max_steps=4",
     )
