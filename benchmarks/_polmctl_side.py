@@ -55,8 +55,8 @@ def polmctl_overrides(w: Workload, run_dir: Path) -> list[str]:
         f"seed={w.seed}",
         f"output_dir={run_dir}",
     ]
-    if w.method == "dpo":
-        overrides += [f"method.beta={w.beta}"]
+    if w.method == "dpo":  # DPO alone, as TRL's side (recipe=dpo adds RPO's NLL term: method.sft_weight=1)
+        overrides += [f"method.beta={w.beta}", "method.sft_weight=0"]
     if w.method == "grpo":
         overrides += [
             f"method.num_generations={w.num_generations}",

@@ -1,5 +1,6 @@
 """recipe=dpo with each pairwise loss added after DPO (method.loss) on model=tiny, on a repeated
-batch: the weights change, the loss falls and the chosen answer pulls ahead of the rejected one."""
+batch: the weights change, the loss falls and the chosen answer pulls ahead of the rejected one. Each
+loss alone: the recipe's NLL term (method.sft_weight) is off."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ LR = {"sppo_hard": "trainer.lr=2e-3"}
 @pytest.mark.parametrize("loss", ["bco_pair", "apo_zero", "apo_down", "exo_pair", "nca_pair", "sppo_hard"])
 def test_dpo_loss_trains_and_separates_the_pairs(train_recipe, loss):
     run = train_recipe(
-        "dpo", f"method.loss={loss}", "method.label_smoothing=1e-3", LR.get(loss, "trainer.lr=1e-2"), *REPEATED_BATCH
+        "dpo",
+        f"method.loss={loss}",
+        "method.label_smoothing=1e-3",
+        "method.sft_weight=0",
+        LR.get(loss, "trainer.lr=1e-2"),
+        *REPEATED_BATCH,
     )
     assert run.unchanged_parameters() == []
     lines = read_metrics(run.dir / "metrics.jsonl")
