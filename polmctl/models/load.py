@@ -20,7 +20,14 @@ from polmctl.config.schema import ModelConfig
 from polmctl.errors import ModelError
 from polmctl.models.builtin import BUILTIN_MODELS, materialise_builtin
 from polmctl.models.hub import hub_or_cache
-from polmctl.models.precision import AUTO_DTYPES, LOW_PRECISION, choose_dtype, contiguous_head_input, say_dtype_choice
+from polmctl.models.precision import (
+    AUTO_DTYPES,
+    LOW_PRECISION,
+    choose_dtype,
+    contiguous_head_input,
+    no_cudnn_attention,
+    say_dtype_choice,
+)
 from polmctl.models.replaced import is_replaced_dir, load_replaced
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -313,6 +320,8 @@ def load_model(
             from polmctl.models.packed_attention import use_packed_attention
 
             use_packed_attention(model)  # float32 attention where bf16's CPU backward is slow (its docstring)
+        elif device.type == "cuda":
+            no_cudnn_attention()  # its per-shape graph builds cost more host time than the GPU work (its docstring)
     if for_training:
         if quant is not None:
             from peft import prepare_model_for_kbit_training

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -99,3 +101,28 @@ def test_auto_dtype_on_a_gpu_is_bfloat16_where_supported():
     model = load_model(TINY, device="cuda")  # model.dtype=auto_gpu: bf16 from compute capability 8.0 (Ampere)
     expected = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float32
     assert model.dtype == expected and model.device.type == "cuda"
+
+
+@pytest.fixture()
+def cudnn_sdp_restored():
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_no_cudnn_attention_turns_the_backend_off_and_says_whether_it_was_on(cudnn_sdp_restored):
+    from polmctl.models.precision import no_cudnn_attention
+
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    assert no_cudnn_attention() is True and not torch.backends.cuda.cudnn_sdp_enabled()
+    assert no_cudnn_attention() is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_bf16_model_on_a_gpu_attends_without_cudnn(cudnn_sdp_restored):
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    model = load_model(replace(TINY, dtype="bfloat16"), device="cuda", for_training=False)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), device="cuda")
+    assert torch.isfinite(model(ids).logits.float()).all()
