@@ -115,6 +115,19 @@ def on_every_rank(flag: bool) -> bool:
     return reduce(torch.tensor(float(not flag), device=state.device), reduction="max").item() == 0
 
 
+def fewest_on_any_rank(count: int) -> int:
+    """The smallest ``count`` over the processes (``count`` itself in one). A batch source whose ranks
+    keep different numbers of rows trims each to this, so every rank runs as many micro-batches: each
+    backward of DDP, FSDP and ZeRO is a collective."""
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return count
+    return int(-reduce(torch.tensor(-float(count), device=state.device), reduction="max").item())
+
+
 class OfflineBatches(BatchSource):
     """A fixed, encoded dataset served in seeded epochs: each step, ``grad_accum`` collated
     micro-batches. Online methods give the trainer their own BatchSource, which makes its

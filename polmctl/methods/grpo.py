@@ -52,6 +52,7 @@ import torch
 from polmctl.config.schema import one_of, option, positive
 from polmctl.console import console
 from polmctl.data.prompts import completion_batches, prompt_rows
+from polmctl.engine.batches import fewest_on_any_rank, on_every_rank
 from polmctl.engine.contract import LossTerms, Objective
 from polmctl.errors import ConfigError, TrainingError
 from polmctl.losses import IGNORE_INDEX
@@ -228,16 +229,19 @@ class GRPOBatches(RolloutBatches):
             rewards.append(total[keep])
             for name, values in parts.items():
                 per_function.setdefault(name, []).append(values)
-            if len(rows) >= self.prompts_per_step * G // 2 or not m.dynamic_sampling:
-                break
+            if not m.dynamic_sampling or on_every_rank(len(rows) >= self.prompts_per_step * G // 2):
+                break  # decided with every rank: each generate() under ZeRO-3 and FSDP is a collective
+        if m.dynamic_sampling:  # whole groups kept; each rank trains on as many as the fewest kept
+            kept = fewest_on_any_rank(len(rows))
+            rows, completion_ids = rows[:kept], completion_ids[:kept]
         self.rollouts += 1
         if not rows:
             raise TrainingError(
                 f"rollout {self.rollouts}: every group of {m.max_resamples} rollouts had equal rewards "
-                "(dynamic sampling keeps none); raise method.max_resamples or "
+                "(dynamic sampling keeps none; with several processes, on at least one); raise method.max_resamples or "
                 "method.temperature, or check the reward functions"
             )
-        rewards = torch.cat(rewards)
+        rewards = torch.cat(rewards)[: len(rows)]
         advantages = pg.group_advantages(rewards, G, scale=m.scale_rewards, baseline=m.baseline)
         prompts = self.prompt_ids(rows)
         batches = completion_batches(

@@ -164,6 +164,21 @@ def test_fsdp_runs_online_rl_with_rollouts_from_the_sharded_model(recipe, overri
     assert weights(run_dir / "final")  # the gathered policy loads with from_pretrained
 
 
+def test_fsdp_grpo_dynamic_sampling_samples_again_on_every_rank(tmp_path, monkeypatch):
+    """GRPO's dynamic sampling (DAPO) keeps only groups whose rewards differ. Rank 1's first rollout has
+    none (nothing_on_rank_1_at_first), so both ranks sample again together: each generate() from the
+    sharded policy is a collective, and a rank sampling alone hung. Then each rank trains on as many
+    groups as the rank that kept fewest, since each backward is a collective too."""
+    monkeypatch.setenv("POLMCTL_ALLOW_TARGETS", "tests")  # the reward _target_ lives in tests/
+    run_dir = tmp_path / "grpo_dynamic"
+    overrides = [RANK_1_AGAIN, "method.dynamic_sampling=true", "method.num_generations=4", "method.max_new_tokens=8"]
+    overrides += ["trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.grad_accum=1"]
+    launch(run_dir, "recipe=grpo", *overrides, timeout=300)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+
+
 @pytest.mark.parametrize(
     "recipe, overrides",
     [("dpo", []), ("kto", []), ("reward_model", []), ("distill", ["method.teacher=builtin:tiny"])],
