@@ -93,8 +93,10 @@ def test_a_quantized_dir_reloads_quantized_generates_the_same_and_is_smaller(sch
     loaded_bytes = Q.parameter_bytes(reloaded)
     assert greedy(reloaded, tok) == tokens
     # bnb int8 moves its scales into module.state at the first matmul (still counted: 2.4% here);
-    # and bnb 4-bit measures ~1 KB less after it (small quant-state tensors end up shared)
-    assert Q.parameter_bytes(reloaded) == pytest.approx(loaded_bytes, rel=0.01)
+    # bnb 4-bit's quant states are rebuilt at it, and the count just after loading varies from load to
+    # load by 1-2 KB (1-2% of this tiny model; seen: 107,896, 108,920 and 109,944 bytes against 107,968
+    # after), as the 1 KB nf4/fp4 code tables are shared between layers or not.
+    assert Q.parameter_bytes(reloaded) == pytest.approx(loaded_bytes, rel=0.03)
     ours = load_model(ModelConfig(name_or_path=str(out)), for_training=False)  # polmctl's loader too
     assert Q.quantized_layers(ours) == kinds and greedy(ours, tok) == tokens
     assert Q.dir_quantization(out) == Q.model_quantization(reloaded)
