@@ -106,13 +106,7 @@ def on_every_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on every process (``flag`` itself in one). An online batch source that
     samples again until it has enough decides with the other ranks: under ZeRO-3 and FSDP each
     generate() is a collective, so a rank sampling once more alone would hang the others."""
-    from accelerate import PartialState
-    from accelerate.utils import reduce
-
-    state = PartialState()
-    if state.num_processes == 1:
-        return flag
-    return reduce(torch.tensor(float(not flag), device=state.device), reduction="max").item() == 0
+    return fewest_on_any_rank(int(flag)) == 1
 
 
 def fewest_on_any_rank(count: int) -> int:

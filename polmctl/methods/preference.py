@@ -21,8 +21,9 @@ full log-softmax (polmctl/models/forward.py). The losses are in polmctl/losses/p
 
 CPO and ORPO add the NLL of the chosen answer averaged over its own tokens, then over pairs (the
 papers' per-sequence NLL), weighted by method.sft_weight (1 for them; DPO's RPO term and SimPO's
-CPO-SimPO term are the same NLL, off by default). TRL averages that NLL over all chosen tokens of the batch instead, so
-long answers weigh more there; the two agree when the chosen answers have equal lengths.
+CPO-SimPO term are the same NLL, off by default). TRL averages that NLL over all chosen tokens of the
+batch instead, so long answers weigh more there; the two agree when the chosen answers have equal
+lengths.
 """
 
 from __future__ import annotations
